@@ -1,0 +1,253 @@
+"""One typed config object for every knob, validated once at the door and hashed into every output.
+
+Sources, later ones winning: dataclass defaults (METHOD.md's published setting) < ``--config FILE.yaml``
+< command-line flags < ``--set section.key=value``. ``validate`` raises ``ConfigError`` naming the field;
+the CLI turns that into exit code 2 before Ray starts.
+
+The ``runtime`` section (actor counts, batch sizes, progress) cannot change a single output byte, so it is
+left out of the hash: a rerun on a bigger cluster resumes the same output folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DEFAULT_MODEL = "facebook/DiT-XL-2-256"
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+
+
+class ConfigError(ValueError):
+    """A bad config value; ``field`` is the dotted name of the offending field."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+
+
+@dataclass
+class DataConfig:
+    path: str = ""              # ImageFolder root, parquet file, or built-in dataset name
+    split: str = "train"        # sub-folder used when PATH/<split>/<class>/* exists
+    class_map: str = ""         # optional file: "<folder name> <label id>" per line
+    hflip: bool = False         # the public code flips at random before encoding; off = deterministic
+
+
+@dataclass
+class ModelConfig:
+    model: str = DEFAULT_MODEL  # hub id or local folder (diffusers layout: transformer/, vae/)
+    vae: str = DEFAULT_VAE      # hub id or local folder; "" = the model folder's own vae/
+    revision: str = ""
+    dtype: str = "auto"         # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class ClusterConfig:
+    method: str = "divisive"    # divisive (ManifoldGD) | kmeans (MGD3)
+    branching: int = 2          # the divisive tree grows to branching x IPC leaves
+    start_level: int = -1       # -1 = the default level of ops.clustering.select_ipc_nodes
+    centroid: str = "mean"      # mean | medoid
+
+
+@dataclass
+class TangentConfig:
+    dim: int = 3                    # tangent dimension d (published: 3)
+    variance_fraction: float = 0.0  # > 0: smallest d explaining this fraction (capped by neighbours - 1)
+    neighbourhood: str = "radius"   # radius (annealed) | knn | node
+    neighbours: int = 12            # K: knn size, and the radius = distance to the K-th nearest latent
+    max_neighbours: int = 256
+    schedule: str = "exp"           # linear | cosine | exp
+    warm_steps: int = 10            # guided steps over which the radius anneals to its base value
+    max_multiplier: float = 2.0     # r_eff = r * max_multiplier at the first guided step
+
+
+@dataclass
+class SamplerSection:
+    sampler: str = "ddpm"       # ddpm (DiT protocol, learned variance) | ddim (eta 0)
+    num_steps: int = 50
+    train_steps: int = 1000
+    cfg_scale: float = 4.0
+    cfg_channels: str = "dit"   # dit: first 3 latent channels, as DiT | all: as diffusers' DiTPipeline
+    guidance: str = "manifold"  # none (DiT) | mode (MGD3) | manifold (ManifoldGD)
+    guidance_scale: float = 0.1  # lambda
+    t_stop: int = 25            # guided while the respaced step index t > t_stop
+    normal_weight: float = 0.0
+
+
+@dataclass
+class RuntimeConfig:
+    encode_batch_size: int = 64
+    encode_actors: int = 0      # 0 = sized from the cluster's free resources
+    sample_actors: int = 0      # 0 = one per GPU, or a share of the CPUs
+    max_batch: int = 64         # model batch when sampling (CFG doubles it)
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = ""
+    ipc: int = 10
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tangent: TangentConfig = field(default_factory=TangentConfig)
+    sampler: SamplerSection = field(default_factory=SamplerSection)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hashed_dict(self) -> dict:
+        """What decides the output bytes: everything but ``runtime`` and the output path."""
+        d = self.to_dict()
+        d.pop("runtime")
+        d.pop("out")
+        return d
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.hashed_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _coerce(value, target_type, name: str):
+    """Turn a YAML / command-line value into the field's declared type."""
+    if target_type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(name, f"expected true/false, got {value!r}")
+    if target_type in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(name, f"expected a number, got {value!r}")
+        try:
+            number = float(value) if target_type is float else int(str(value), 0)
+        except (TypeError, ValueError):
+            raise ConfigError(name, f"expected {target_type.__name__}, got {value!r}") from None
+        return number
+    if target_type is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(name, f"expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _apply(obj, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(name, "unknown field")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(name, "expected a mapping")
+            _apply(current, value, prefix=f"{name}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], name))
+
+
+def parse_set(assignments: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> nested dict (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for item in assignments:
+        if "=" not in item:
+            raise ConfigError(item, "--set takes key=value")
+        key, raw = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping")
+    return data.get("distill", data)  # presets may nest everything under `distill:`
+
+
+def build_config(*layers: dict) -> DistillConfig:
+    cfg = DistillConfig()
+    for layer in layers:
+        if layer:
+            _apply(cfg, layer)
+    return cfg
+
+
+def _choice(name, value, options):
+    if value not in options:
+        raise ConfigError(name, f"must be one of {', '.join(options)}; got {value!r}")
+
+
+def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
+    """Check every value once; raise ConfigError naming the first bad field."""
+    if need_paths and not cfg.data.path:
+        raise ConfigError("data.path", "is required (--data)")
+    if need_paths and not cfg.out:
+        raise ConfigError("out", "is required (--out)")
+    if cfg.ipc <= 0:
+        raise ConfigError("ipc", f"must be a positive integer, got {cfg.ipc}")
+    if cfg.seed < 0:
+        raise ConfigError("seed", f"must be >= 0, got {cfg.seed}")
+    if not cfg.model.model:
+        raise ConfigError("model.model", "is required")
+    _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
+    _choice("cluster.method", cfg.cluster.method, ("divisive", "kmeans"))
+    _choice("cluster.centroid", cfg.cluster.centroid, ("mean", "medoid"))
+    if cfg.cluster.branching < 1:
+        raise ConfigError("cluster.branching", f"must be >= 1, got {cfg.cluster.branching}")
+    t = cfg.tangent
+    _choice("tangent.neighbourhood", t.neighbourhood, ("radius", "knn", "node"))
+    _choice("tangent.schedule", t.schedule, ("linear", "cosine", "exp"))
+    if t.dim <= 0:
+        raise ConfigError("tangent.dim", f"must be positive, got {t.dim}")
+    if t.neighbours < 2:
+        raise ConfigError("tangent.neighbours", f"must be >= 2, got {t.neighbours}")
+    if t.dim >= t.neighbours:
+        raise ConfigError("tangent.dim", f"must be smaller than tangent.neighbours ({t.neighbours}), got {t.dim}")
+    if t.max_neighbours < t.neighbours:
+        raise ConfigError("tangent.max_neighbours", f"must be >= tangent.neighbours ({t.neighbours})")
+    if not 0.0 <= t.variance_fraction <= 1.0:
+        raise ConfigError("tangent.variance_fraction", f"must be in [0, 1], got {t.variance_fraction}")
+    if t.warm_steps < 0:
+        raise ConfigError("tangent.warm_steps", f"must be >= 0, got {t.warm_steps}")
+    if t.max_multiplier < 1.0:
+        raise ConfigError("tangent.max_multiplier", f"must be >= 1, got {t.max_multiplier}")
+    s = cfg.sampler
+    _choice("sampler.sampler", s.sampler, ("ddpm", "ddim"))
+    _choice("sampler.cfg_channels", s.cfg_channels, ("dit", "all"))
+    _choice("sampler.guidance", s.guidance, ("none", "mode", "manifold"))
+    if s.num_steps <= 0 or s.num_steps > s.train_steps:
+        raise ConfigError("sampler.num_steps", f"must be in [1, train_steps={s.train_steps}], got {s.num_steps}")
+    if not 0 <= s.t_stop <= s.num_steps:
+        raise ConfigError("sampler.t_stop", f"must be in [0, num_steps={s.num_steps}], got {s.t_stop}")
+    for name in ("cfg_scale", "guidance_scale", "normal_weight"):
+        if getattr(s, name) < 0:
+            raise ConfigError(f"sampler.{name}", f"must be >= 0, got {getattr(s, name)}")
+    r = cfg.runtime
+    for name in ("encode_batch_size", "max_batch"):
+        if getattr(r, name) <= 0:
+            raise ConfigError(f"runtime.{name}", f"must be positive, got {getattr(r, name)}")
+    for name in ("encode_actors", "sample_actors"):
+        if getattr(r, name) < 0:
+            raise ConfigError(f"runtime.{name}", f"must be >= 0, got {getattr(r, name)}")
+    return cfg
+
+
+def to_yaml(cfg: DistillConfig) -> str:
+    return yaml.safe_dump({"distill": cfg.to_dict()}, sort_keys=False)

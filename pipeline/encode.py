@@ -1,0 +1,90 @@
+"""Stage 1: images -> VAE latents, streamed through Ray Data and written to parquet by class.
+
+read (binary files / parquet rows) -> decode + DiT preprocessing (CPU tasks; a bad file becomes a row
+with a reason) -> VAE encode in an actor pool (GPU when present; the model loads once per actor) ->
+parquet partitioned by class. Latent = posterior mean x scaling factor, flattened.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+
+from pipeline.preprocess import decode_image
+
+LATENT_COLUMNS = ("id", "class_name", "label", "latent", "error")
+
+
+def flip_for(row_id: str, seed: int) -> bool:
+    """Deterministic stand-in for the public code's random horizontal flip."""
+    return hashlib.sha256(f"{seed}:{row_id}".encode()).digest()[0] & 1 == 1
+
+
+def decode_batch(batch: dict, *, image_size: int, hflip: bool, seed: int) -> dict:
+    """Raw bytes -> (size, size, 3) uint8 pixels; a row that fails keeps zeros and its reason."""
+    n = len(batch["id"])
+    pixels = np.zeros((n, image_size, image_size, 3), dtype=np.uint8)
+    errors = []
+    for i in range(n):
+        flip = hflip and flip_for(str(batch["id"][i]), seed)
+        arr, reason = decode_image(batch["bytes"][i], image_size, flip)
+        if arr is not None:
+            pixels[i] = arr
+        errors.append(reason)
+    return {"id": batch["id"], "class_name": batch["class_name"], "label": batch["label"],
+            "pixels": pixels, "error": np.asarray(errors, dtype=object)}
+
+
+def encode_pixels(vae, pixels: np.ndarray, scaling_factor: float, device, dtype):
+    """uint8 (B, H, W, 3) -> flattened latents (B, C*h*w) float32: posterior mean x scaling factor."""
+    import torch  # noqa: PLC0415
+
+    x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(torch.float32)
+    x = (x / 127.5 - 1.0).to(dtype)
+    with torch.inference_mode():
+        mean = vae.encode(x).latent_dist.mean
+    return (mean.float() * scaling_factor).reshape(len(pixels), -1).cpu().numpy()
+
+
+class VAEEncoder:
+    """Ray Data actor: loads the VAE once, encodes the rows that decoded."""
+
+    def __init__(self, model: dict, threads: int = 0):
+        import torch  # noqa: PLC0415
+
+        from pipeline.config import ModelConfig  # noqa: PLC0415
+        from pipeline.model_refs import load_vae  # noqa: PLC0415
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.vae, self.dtype = load_vae(ModelConfig(**model), self.device)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+
+    def __call__(self, batch: dict) -> dict:
+        ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
+        n = len(ok)
+        latents = None
+        if ok.any():
+            enc = encode_pixels(self.vae, batch["pixels"][ok], self.scaling_factor, self.device, self.dtype)
+            latents = np.zeros((n, enc.shape[1]), dtype=np.float32)
+            latents[ok] = enc
+        else:  # every row failed: keep the width so the parquet schema stays one tensor shape
+            latents = np.zeros((n, 1), dtype=np.float32)
+        return {"id": batch["id"], "class_name": batch["class_name"], "label": batch["label"],
+                "latent": list(latents), "error": batch["error"]}
+
+
+def pool_size(requested: int, use_gpu: bool) -> tuple[int, int]:
+    """(min, max) encode actors. On CPU leave a core to the read and decode tasks (2-core deadlock)."""
+    import ray  # noqa: PLC0415
+
+    free = ray.available_resources()
+    if use_gpu:
+        n = int(free.get("GPU", 0)) or 1
+    else:
+        n = max(1, int(free.get("CPU", 1)) - 1)
+    if requested:
+        n = requested
+    return 1, max(1, n)

@@ -1,0 +1,83 @@
+"""Model references as the pipeline sees them: built-in priors, the VAE alone, sizes from configs.
+
+``builtin:<name>`` names a prior shipped inside the package (pipeline/priors/<name>/, diffusers layout);
+it stays symbolic in the config so that the config hash does not depend on where the package lives.
+"""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from pipeline.config import ConfigError, ModelConfig
+
+BUILTIN = "builtin:"
+
+
+def resolve(ref: str) -> str:
+    """Turn ``builtin:<name>`` into the shipped folder; leave hub ids and paths alone."""
+    if not ref.startswith(BUILTIN):
+        return ref
+    name = ref[len(BUILTIN):]
+    folder = Path(str(resources.files("pipeline").joinpath("priors", name)))
+    if not (folder / "transformer").is_dir():
+        raise ConfigError("model.model", f"no built-in prior named {name!r} (looked in {folder})")
+    return str(folder)
+
+
+def vae_source(model: ModelConfig) -> tuple[str, str | None]:
+    """(reference, subfolder) of the VAE: its own repo, or the model folder's vae/."""
+    if model.vae:
+        return resolve(model.vae), None
+    return resolve(model.model), "vae"
+
+
+def torch_dtype(name: str, device: str):
+    import torch  # noqa: PLC0415
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_vae(model: ModelConfig, device: str = "cpu"):
+    """The VAE alone (the encode stage needs nothing else); returns (vae, dtype)."""
+    from diffusers import AutoencoderKL  # noqa: PLC0415
+
+    from pipeline.models import PriorLoadError, _load, _staging_help  # noqa: PLC0415
+
+    ref, sub = vae_source(model)
+    dtype = torch_dtype(model.dtype, device)
+    vae, err = _load(AutoencoderKL, ref, sub, dtype=dtype, revision=model.revision or None)
+    if err:
+        raise PriorLoadError(f"could not load the VAE. Tried:\n  - {err}\n" + _staging_help(ref, None))
+    return vae.to(device).eval().requires_grad_(False), dtype
+
+
+def load_model(model: ModelConfig, device: str = "cpu"):
+    """Transformer + VAE through the same ``load_prior`` that loads DiT-XL/2."""
+    from pipeline.models import load_prior  # noqa: PLC0415
+
+    vae = resolve(model.vae) if model.vae else None
+    return load_prior(resolve(model.model), vae, device=device, dtype=torch_dtype(model.dtype, device),
+                      revision=model.revision or None)
+
+
+def image_size(model: ModelConfig) -> int:
+    """Pixel size the prior works at, from the configs alone (no weights are read)."""
+    from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415
+
+    from pipeline.models import PriorLoadError, _staging_help  # noqa: PLC0415
+
+    ref = resolve(model.model)
+    vref, vsub = vae_source(model)
+    try:
+        tconf = DiTTransformer2DModel.load_config(ref, subfolder="transformer",
+                                                  revision=model.revision or None)
+        vconf = AutoencoderKL.load_config(vref, subfolder=vsub, revision=model.revision or None)
+    except Exception as exc:  # noqa: BLE001 - one message for every way a config can be missing
+        raise PriorLoadError(f"could not read the model configs of {ref} / {vref}: "
+                             f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
+                             + _staging_help(ref, model.vae or None)) from None
+    sample = tconf["sample_size"]
+    sample = sample if isinstance(sample, int) else sample[0]
+    return int(sample) * 2 ** (len(vconf["block_out_channels"]) - 1)

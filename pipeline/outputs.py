@@ -1,0 +1,110 @@
+"""The output folder: its layout, atomic writes, and the guard against mixing two configs in one folder.
+
+DIR/train/<class>/<class>_<k:04d>.png   written as temp file + rename: a PNG is complete or absent
+DIR/train/<class>/_SUCCESS              written last, after the class's images and manifest part
+DIR/manifest.parquet, quarantine.parquet, run.json
+DIR/_work/                              resumable intermediate state (config, latents, centroids, parts)
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.config import ConfigError, DistillConfig
+
+WORK = "_work"
+SUCCESS = "_SUCCESS"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table) -> None:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class OutputDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.work = self.root / WORK
+        self.train = self.root / "train"
+
+    def class_dir(self, class_name: str) -> Path:
+        return self.train / class_name
+
+    def image_path(self, class_name: str, k: int) -> Path:
+        return self.class_dir(class_name) / f"{class_name}_{k:04d}.png"
+
+    def is_class_done(self, class_name: str) -> bool:
+        return (self.class_dir(class_name) / SUCCESS).exists() and self.manifest_part(class_name).exists()
+
+    def manifest_part(self, class_name: str) -> Path:
+        return self.work / "manifest" / f"{class_name}.parquet"
+
+    def centroid_file(self, class_name: str) -> Path:
+        return self.work / "centroids" / f"{class_name}.npz"
+
+    @property
+    def latents(self) -> Path:
+        return self.work / "latents"
+
+    def prepare(self, cfg: DistillConfig, overwrite: bool) -> None:
+        """Create the folder, check it is writable, and refuse one made by a different config."""
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            probe = self.work / ".write-probe"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError("out", f"output folder {self.root} is not writable: {exc.strerror}") from None
+        stamp = self.work / "config.json"
+        digest = cfg.config_hash()
+        if stamp.exists():
+            previous = json.loads(stamp.read_text()).get("config_hash")
+            if previous != digest:
+                if not overwrite:
+                    raise ConfigError(
+                        "out", f"{self.root} was made by a different config (hash {previous}, now {digest}); "
+                        "choose another --out or pass --overwrite")
+                self.clear()
+                self.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, {"config_hash": digest, "config": cfg.hashed_dict()})
+
+    def clear(self) -> None:
+        """Remove what this project writes, and nothing else the user may keep beside it."""
+        for name in ("train", WORK):
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        for name in ("manifest.parquet", "quarantine.parquet", "run.json", "contact_sheet.png"):
+            (self.root / name).unlink(missing_ok=True)

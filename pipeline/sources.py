@@ -1,0 +1,153 @@
+"""Where the images come from: an ImageFolder, a parquet of (image bytes, label) or a built-in dataset.
+
+Listing is cheap and runs in the driver before Ray starts (``--dry-run`` stops here). Files that cannot be
+images at all (hidden files, other extensions, broken or looping links) are rejected at listing time with a
+reason; files that fail to decode are caught later, in the decode stage. Both end in quarantine.parquet.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from pipeline.config import ConfigError, DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+WNID = re.compile(r"^n\d{8}$")
+
+
+@dataclass
+class Listing:
+    kind: str                                   # imagefolder | parquet | builtin
+    root: str
+    classes: list[str]                          # class folder names, sorted
+    labels: dict[str, int]                      # class name -> label id fed to the model
+    files: list[tuple[str, str]] = field(default_factory=list)     # (relative path, class name)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    num_rows: int = 0                           # parquet / built-in: rows instead of files
+
+    @property
+    def num_items(self) -> int:
+        return len(self.files) if self.kind == "imagefolder" else self.num_rows
+
+    def empty_classes(self) -> list[str]:
+        if self.kind != "imagefolder":
+            return []
+        seen = {c for _, c in self.files}
+        return [c for c in self.classes if c not in seen]
+
+
+def imagenet_wnids() -> list[str]:
+    text = resources.files("pipeline").joinpath("data/imagenet1k.txt").read_text()
+    return text.split()
+
+
+def label_ids(classes: list[str], class_map: str = "") -> dict[str, int]:
+    """ImageNet wnids -> their 1K index; a class-map file if given; else sorted folder order."""
+    if class_map:
+        try:
+            lines = Path(class_map).read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError("data.class_map", f"cannot read {class_map}: {exc.strerror}") from None
+        mapping = {}
+        for line in lines:
+            if line.strip() and not line.startswith("#"):
+                name, _, idx = line.rpartition(" ")
+                mapping[name.strip() or idx] = int(idx)
+        missing = [c for c in classes if c not in mapping]
+        if missing:
+            raise ConfigError("data.class_map", f"no label for classes {missing[:5]}")
+        return {c: mapping[c] for c in classes}
+    if classes and all(WNID.match(c) for c in classes):
+        index = {w: i for i, w in enumerate(imagenet_wnids())}
+        if all(c in index for c in classes):
+            return {c: index[c] for c in classes}
+    return {c: i for i, c in enumerate(sorted(classes))}
+
+
+def _reject_reason(path: Path) -> str | None:
+    if path.name.startswith("."):
+        return "hidden file"
+    if path.is_symlink():
+        try:
+            path.resolve(strict=True)
+        except RuntimeError:
+            return "symlink loop"
+        except OSError:
+            return "broken symlink"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image file extension ({path.suffix or 'none'})"
+    return None
+
+
+def list_imagefolder(root: Path, split: str, class_map: str = "") -> Listing:
+    base = root / split if (root / split).is_dir() else root
+    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise ConfigError("data.path", f"{base} holds no class folders (expected <class>/<image> files)")
+    listing = Listing("imagefolder", str(base), classes, label_ids(classes, class_map))
+    for cls in classes:
+        # os.walk without following directory links: a link loop cannot hang the listing
+        for dirpath, dirnames, filenames in os.walk(base / cls, followlinks=False):
+            dirnames.sort()
+            for name in list(dirnames):
+                full = Path(dirpath) / name
+                if full.is_symlink():
+                    listing.rejected.append((str(full.relative_to(base)), "symlinked directory not followed"))
+            for name in sorted(filenames):
+                full = Path(dirpath) / name
+                rel = str(full.relative_to(base))
+                reason = _reject_reason(full)
+                if reason:
+                    listing.rejected.append((rel, reason))
+                else:
+                    listing.files.append((rel, cls))
+    return listing
+
+
+def list_parquet(path: Path) -> Listing:
+    import pyarrow.parquet as pq  # noqa: PLC0415
+
+    schema = pq.read_schema(path)
+    if "image" not in schema.names or "label" not in schema.names:
+        raise ConfigError("data.path", f"{path} needs columns 'image' (bytes) and 'label'; has {schema.names}")
+    labels = pq.read_table(path, columns=["label"]).column("label").to_pylist()
+    classes = sorted({str(v) for v in labels}, key=lambda c: (len(c), c) if c.isdigit() else (0, c))
+    if all(isinstance(v, int) for v in labels):
+        mapping = {str(v): int(v) for v in set(labels)}
+    else:
+        mapping = label_ids(classes)
+    return Listing("parquet", str(path), classes, mapping, num_rows=len(labels))
+
+
+def list_builtin(name: str) -> Listing:
+    from pipeline import datasets  # noqa: PLC0415
+
+    _, labels, class_names = datasets.load_builtin(name, split="train")
+    classes = list(class_names)
+    return Listing("builtin", name, classes, {c: i for i, c in enumerate(classes)}, num_rows=len(labels))
+
+
+def builtin_names() -> tuple[str, ...]:
+    try:
+        from pipeline import datasets  # noqa: PLC0415
+    except ImportError:  # a build without the built-in datasets
+        return ()
+    return tuple(datasets.builtin_names())
+
+
+def list_source(data: DataConfig) -> Listing:
+    """List a dataset; raise ConfigError('data.path', ...) when it is missing or malformed."""
+    if data.path in builtin_names():
+        return list_builtin(data.path)
+    path = Path(data.path).expanduser()
+    if not path.exists():
+        known = ", ".join(builtin_names()) or "none"
+        raise ConfigError("data.path", f"{data.path} does not exist (and is not a built-in dataset: {known})")
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ConfigError("data.path", f"{path} is a file but not a .parquet")
+        return list_parquet(path)
+    return list_imagefolder(path, data.split, data.class_map)
