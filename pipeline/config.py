@@ -35,6 +35,8 @@ class DataConfig:
     path: str = ""              # ImageFolder root, parquet file, or built-in dataset name
     split: str = "train"        # sub-folder used when PATH/<split>/<class>/* exists
     class_map: str = ""         # optional file: "<folder name> <label id>" per line
+    classes: str = ""           # optional subset: a file with one class folder per line, or a shipped
+                                # list (imagenette, imagewoof, imagenet100)
     hflip: bool = False         # the public code flips at random before encoding; off = deterministic
 
 

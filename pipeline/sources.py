@@ -82,9 +82,29 @@ def _reject_reason(path: Path) -> str | None:
     return None
 
 
-def list_imagefolder(root: Path, split: str, class_map: str = "") -> Listing:
+SHIPPED_CLASS_LISTS = ("imagenette", "imagewoof", "imagenet100", "imagenet1k")
+
+
+def class_subset(spec: str) -> list[str]:
+    """Class folder names from a shipped list name or a file (one per line)."""
+    if spec in SHIPPED_CLASS_LISTS:
+        return resources.files("pipeline").joinpath(f"data/{spec}.txt").read_text().split()
+    try:
+        return Path(spec).read_text().split()
+    except OSError as exc:
+        raise ConfigError("data.classes", f"cannot read {spec}: {exc.strerror} "
+                          f"(or name a shipped list: {', '.join(SHIPPED_CLASS_LISTS)})") from None
+
+
+def list_imagefolder(root: Path, split: str, class_map: str = "", subset: str = "") -> Listing:
     base = root / split if (root / split).is_dir() else root
     classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if subset:
+        wanted = class_subset(subset)
+        missing = sorted(set(wanted) - set(classes))
+        if missing:
+            raise ConfigError("data.classes", f"{len(missing)} listed classes are not in {base}: {missing[:3]}")
+        classes = sorted(wanted)
     if not classes:
         raise ConfigError("data.path", f"{base} holds no class folders (expected <class>/<image> files)")
     listing = Listing("imagefolder", str(base), classes, label_ids(classes, class_map))
@@ -150,4 +170,4 @@ def list_source(data: DataConfig) -> Listing:
         if path.suffix != ".parquet":
             raise ConfigError("data.path", f"{path} is a file but not a .parquet")
         return list_parquet(path)
-    return list_imagefolder(path, data.split, data.class_map)
+    return list_imagefolder(path, data.split, data.class_map, data.classes)

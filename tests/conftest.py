@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny random diffusers models saved in DiT-XL/2's layout, tiny image folders, and one
+Ray instance per test session (2 CPUs, quiet, offline, with a no-progress timeout so a hang fails)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "120")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def save_tiny_prior(folder: Path, *, num_classes: int = 4, latent_size: int = 4, learned_variance: bool = True,
+                    seed: int = 0) -> Path:
+    """A random-init DiT + VAE in the diffusers layout (folder/transformer, folder/vae): 16 px images."""
+    import torch
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        block_out_channels=(8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=16)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                out_channels=8 if learned_variance else 4, num_layers=1, sample_size=latent_size,
+                                patch_size=2, num_embeds_ada_norm=num_classes, norm_num_groups=4)
+    vae.save_pretrained(folder / "vae")
+    dit.save_pretrained(folder / "transformer")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_prior(tmp_path_factory) -> Path:
+    return save_tiny_prior(tmp_path_factory.mktemp("prior"))
+
+
+def write_image_folder(root: Path, classes: dict[str, int], size: int = 20, seed: int = 0) -> Path:
+    """root/train/<class>/img_<i>.png with class-dependent colour blobs, so classes differ."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for ci, (cls, n) in enumerate(classes.items()):
+        d = root / "train" / cls
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            base = np.zeros((size, size, 3), np.float32)
+            base[..., ci % 3] = 180
+            img = np.clip(base + rng.normal(0, 40, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
+                 logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
