@@ -57,10 +57,17 @@ def write_image_folder(root: Path, classes: dict[str, int], size: int = 20, seed
 
 @pytest.fixture(scope="session")
 def ray_session():
+    """A private local Ray (address="local": never attach to a cluster another test started)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024 * 1024,
-                 logging_level="ERROR", log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False,
+                 object_store_memory=200 * 1024 * 1024, logging_level="ERROR", log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cluster` start and stop whole Ray clusters (`ray stop` ends every Ray process on
+    the machine), so they run last, after the shared session instance is no longer needed."""
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)

@@ -1,0 +1,109 @@
+"""The same entrypoint under `ray job submit`, and on a multi-node cluster that loses a node mid-run."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import write_image_folder
+
+pytestmark = pytest.mark.cluster
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distill_args(data, out, prior):
+    return ["distill", "--data", str(data), "--out", str(out), "--ipc", "2", "--model", str(prior), "--vae", "",
+            "--set", "sampler.num_steps=6", "--set", "sampler.t_stop=2", "--set", "tangent.neighbours=3",
+            "--set", "tangent.dim=2", "--set", "runtime.progress=false"]
+
+
+def _tree(out: Path) -> dict:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()}
+
+
+def _env():
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
+    return env
+
+
+def test_ray_job_submit(tmp_path, tiny_prior):
+    import ray
+
+    ray.shutdown()  # the session's private instance is not needed any more (cluster tests run last)
+    data = write_image_folder(tmp_path / "data", {"a": 4, "b": 4})
+    out = tmp_path / "out"
+    port, dash = _free_port(), _free_port()
+    env = _env()
+    subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
+                    f"--dashboard-port={dash}", "--disable-usage-stats"], check=True, env=env,
+                   capture_output=True, timeout=120)
+    try:
+        job = subprocess.run(
+            [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+             "--", str(BIN / "manifoldgd"), *_distill_args(data, out, tiny_prior)],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in job.stdout.lower()
+    finally:
+        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    assert sorted(p.name for p in (out / "train" / "a").glob("*.png")) == ["a_0000.png", "a_0001.png"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["images"] == 4
+
+
+def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path, tiny_prior):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.cli import main
+
+    ray.shutdown()
+    data = write_image_folder(tmp_path / "data", {c: 4 for c in "abcdef"})
+    clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+
+    def cluster_run(out: Path, kill_after_first_class: bool) -> dict:
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        stop = threading.Event()
+
+        def killer():
+            while not stop.is_set():
+                if any((out / "train").glob("*/_SUCCESS")) if (out / "train").exists() else False:
+                    cluster.remove_node(workers[0])
+                    return
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=killer, daemon=True)
+        if kill_after_first_class:
+            thread.start()
+        try:
+            assert main(_distill_args(data, out, tiny_prior)) == 0
+        finally:
+            stop.set()
+            ray.shutdown()
+            cluster.shutdown()
+        return json.loads((out / "run.json").read_text())
+
+    run = cluster_run(clean, False)
+    assert len(run["nodes_used"]) >= 2, run["nodes_used"]  # classes ran on more than one node
+    cluster_run(faulty, True)
+    assert _tree(faulty) == _tree(clean)
+    shutil.rmtree(tmp_path / "data")
