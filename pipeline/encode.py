@@ -36,15 +36,20 @@ def decode_batch(batch: dict, *, image_size: int, hflip: bool, seed: int) -> dic
             "pixels": pixels, "error": np.asarray(errors, dtype=object)}
 
 
-def encode_pixels(vae, pixels: np.ndarray, scaling_factor: float, device, dtype):
-    """uint8 (B, H, W, 3) -> flattened latents (B, C*h*w) float32: posterior mean x scaling factor."""
+def encode_pixels(vae, pixels: np.ndarray, device, dtype):
+    """uint8 (B, H, W, 3) -> flattened latents (B, C*h*w) float32: (posterior mean - shift) x scale.
+
+    The inverse of the sampler's decode, so centroids live in the space x_t lives in.
+    """
     import torch  # noqa: PLC0415
 
+    scale = float(vae.config.scaling_factor)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(torch.float32)
     x = (x / 127.5 - 1.0).to(dtype)
     with torch.inference_mode():
         mean = vae.encode(x).latent_dist.mean
-    return (mean.float() * scaling_factor).reshape(len(pixels), -1).cpu().numpy()
+    return ((mean.float() - shift) * scale).reshape(len(pixels), -1).cpu().numpy()
 
 
 class VAEEncoder:
@@ -60,14 +65,13 @@ class VAEEncoder:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae, self.dtype = load_vae(ModelConfig(**model), self.device)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
         n = len(ok)
         latents = None
         if ok.any():
-            enc = encode_pixels(self.vae, batch["pixels"][ok], self.scaling_factor, self.device, self.dtype)
+            enc = encode_pixels(self.vae, batch["pixels"][ok], self.device, self.dtype)
             latents = np.zeros((n, enc.shape[1]), dtype=np.float32)
             latents[ok] = enc
         else:  # every row failed: keep the width so the parquet schema stays one tensor shape
