@@ -1,0 +1,354 @@
+"""Guided DiT sampling: DiT's DDPM protocol plus mode / manifold guidance (METHOD.md section 4).
+
+One class at a time: all requested samples of the class go through the transformer together,
+chunked to ``max_batch`` samples (the model sees twice that with classifier-free guidance).
+
+Step indexing follows DiT: the respaced process has ``num_steps`` indices and sampling runs
+``i = num_steps - 1`` down to ``0``. A step is *guided* when ``i > t_stop``; with the defaults
+(50 steps, t_stop 25) that is i = 49 .. 26, the first 24 steps, as in the MGD3 / ManifoldGD code.
+
+The update, given the CFG-guided epsilon and (learned) variance of the model at x_t:
+    x0_hat = (x_t - sqrt(1 - abar_i) eps) / sqrt(abar_i)              (no clipping)
+    mu     = c1_i x0_hat + c2_i x_t            (DDPM posterior mean)
+           | sqrt(abar_{i-1}) x0_hat + sqrt(1 - abar_{i-1}) eps    (DDIM, eta 0)
+    guided: mu <- mu + lambda * sigma_i * g,   g = guidance_vector(mode, x0_hat, c, U, normal_weight)
+    x_{i-1} = mu + std_i * z   (DDPM, i > 0; DDIM and the last step add nothing)
+
+sigma_i in the guidance term is one number per sample: exp(0.5 * mean log-variance), the
+geometric mean of the std the DDPM step would use at i (learned range, or DiT's fixed-large
+variance for a model without learned sigma). One number keeps the guided displacement exactly
+in span(U) for ``manifold``; the element-wise learned std differs from it by < 0.8% at every
+guided step of the default schedule. DDIM uses the same sigma_i, so guidance has the same
+strength under both samplers instead of vanishing with DDIM's zero noise.
+
+Noise: sample k of class y draws its initial latent and then one step noise per DDPM step, in
+order, from its own CPU ``torch.Generator`` seeded by a hash of (seed, y, k). So the noise never
+depends on batching, chunking, other classes or the worker, nor on the device.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ops.guidance import GUIDANCE_MODES, guidance_vector, guided_mean, x0_from_eps
+from ops.schedule import (
+    SPACINGS,
+    Schedule,
+    ddim_coefficients,
+    fixed_log_variance,
+    learned_range_log_variance,
+    posterior_mean_coefficients,
+    respaced_schedule,
+)
+from pipeline.models import Prior
+
+SAMPLERS = ("ddpm", "ddim")
+CFG_CHANNELS = ("dit", "all")
+DIT_CFG_CHANNELS = 3  # DiT's forward_with_cfg guides the first 3 of 4 latent channels
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 50
+    train_steps: int = 1000
+    sampler: str = "ddpm"  # ddpm | ddim (eta 0)
+    spacing: str = "dit"  # dit: space_timesteps(T, "num_steps"); uniform: DiT's "ddimN" stride
+    cfg_scale: float = 4.0  # 1.0 switches classifier-free guidance off
+    cfg_channels: str = "dit"  # dit: first 3 latent channels (DiT); all: every channel (diffusers)
+    guidance: str = "none"  # none | mode | manifold
+    guidance_scale: float = 0.1  # lambda
+    t_stop: int = 25  # guided while the respaced index i > t_stop
+    normal_weight: float = 0.0  # manifold only: weight of the normal component of c - x0_hat
+    max_batch: int = 64  # samples per model call (the model sees 2x with CFG)
+    seed: int = 0
+    autocast: bool = True  # bf16 (fp16 without bf16 support) autocast on CUDA; CPU always runs fp32
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("sampler", self.sampler, SAMPLERS),
+            ("spacing", self.spacing, SPACINGS),
+            ("cfg_channels", self.cfg_channels, CFG_CHANNELS),
+            ("guidance", self.guidance, GUIDANCE_MODES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not 1 <= self.num_steps <= self.train_steps:
+            raise ValueError(f"num_steps must be in [1, train_steps={self.train_steps}], got {self.num_steps}")
+        if self.max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.normal_weight < 0:
+            raise ValueError(f"normal_weight must be >= 0, got {self.normal_weight}")
+
+    def guided_indices(self) -> list[int]:
+        """Respaced indices whose step is guided, in sampling order (empty for guidance none)."""
+        if self.guidance == "none":
+            return []
+        return [i for i in range(self.num_steps - 1, -1, -1) if i > self.t_stop]
+
+    @property
+    def num_guided_steps(self) -> int:
+        return len(self.guided_indices())
+
+
+@dataclass
+class StepInfo:
+    """What one denoising step saw and did, for one chunk of samples (handed to ``step_callback``)."""
+
+    index: int  # respaced index i (num_steps - 1 .. 0)
+    timestep: int  # original training timestep fed to the transformer
+    sample_indices: list[int]  # k of each row in this chunk
+    x_t: torch.Tensor
+    eps: torch.Tensor  # CFG-combined epsilon
+    x0_hat: torch.Tensor
+    mean: torch.Tensor  # the unguided step's mean
+    guided_mean: torch.Tensor  # mean + lambda * sigma * g (is ``mean`` on unguided steps)
+    sigma: torch.Tensor  # (n, 1, 1, 1) per-sample sigma_i of the guidance term
+    noise_std: torch.Tensor | float  # std of the added noise (element-wise when learned)
+    noise: torch.Tensor | None  # z, when the step adds noise
+    x_prev: torch.Tensor
+    guided_step: int | None = None  # 0 for the first guided step; None when unguided
+
+
+@dataclass
+class GuidanceState:
+    """Per-sample guidance inputs for one step (flattened latents, on the sampler's device)."""
+
+    mode: str
+    centroids: torch.Tensor  # (n, D)
+    basis: torch.Tensor | None  # (n, D, d) or None
+    scale: float
+    normal_weight: float = 0.0
+
+
+def sample_seed(seed: int, class_id: int, k: int) -> int:
+    """A 63-bit generator seed that depends on (seed, class, sample index) only."""
+    digest = hashlib.blake2b(f"manifoldgd/noise/{seed}/{class_id}/{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def denoise_step(
+    schedule: Schedule,
+    i: int,
+    x_t: torch.Tensor,
+    eps: torch.Tensor,
+    var_values: torch.Tensor | None,
+    *,
+    sampler: str = "ddpm",
+    noise: torch.Tensor | None = None,
+    guidance: GuidanceState | None = None,
+) -> dict:
+    """One reverse step x_i -> x_{i-1}; a pure function of its arguments (see the module docstring).
+
+    ``var_values``: the model's variance channels in [-1, 1] (learned range), or None for DiT's
+    fixed-large variance. ``noise`` is z (required for DDPM steps with i > 0).
+    """
+    abar = float(schedule.alphas_cumprod[i])
+    x0_hat = x0_from_eps(x_t, eps, abar)
+    if var_values is not None:
+        log_var = learned_range_log_variance(schedule, i, var_values)
+        sigma = torch.exp(0.5 * log_var.flatten(1).mean(dim=1)).view(-1, 1, 1, 1)
+        noise_std = torch.exp(0.5 * log_var)
+    else:
+        std = float(np.exp(0.5 * fixed_log_variance(schedule, i)))
+        sigma = torch.full((x_t.shape[0], 1, 1, 1), std, dtype=x_t.dtype, device=x_t.device)
+        noise_std = std
+    if sampler == "ddpm":
+        c1, c2 = posterior_mean_coefficients(schedule, i)
+        mean = c1 * x0_hat + c2 * x_t
+    else:
+        a, b = ddim_coefficients(schedule, i)
+        mean = a * x0_hat + b * eps
+    new_mean = mean
+    if guidance is not None:
+        g = guidance_vector(guidance.mode, x0_hat.flatten(1), guidance.centroids, guidance.basis,
+                            guidance.normal_weight)
+        new_mean = guided_mean(mean, sigma, g.view_as(x_t), guidance.scale)
+    adds_noise = sampler == "ddpm" and i > 0
+    if adds_noise:
+        if noise is None:
+            raise ValueError(f"a DDPM step at index {i} needs noise")
+        x_prev = new_mean + noise_std * noise
+    else:
+        x_prev = new_mean
+    return {"x0_hat": x0_hat, "mean": mean, "guided_mean": new_mean, "sigma": sigma,
+            "noise_std": noise_std, "noise": noise if adds_noise else None, "x_prev": x_prev}
+
+
+class _NoiseStreams:
+    """One CPU generator per sample; each ``draw`` returns the next (n, C, H, W) block."""
+
+    def __init__(self, seed: int, class_id: int, indices: Sequence[int], shape):
+        self.shape = tuple(shape)
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, class_id, int(k))) for k in indices]
+
+    def draw(self) -> torch.Tensor:
+        return torch.stack([torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators])
+
+
+def _as_tensor(x, device) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(device=device, dtype=torch.float32)
+    return torch.as_tensor(np.asarray(x), dtype=torch.float32, device=device)
+
+
+class GuidedSampler:
+    def __init__(self, prior: Prior, config: SamplerConfig):
+        self.prior = prior
+        self.config = config
+        self.schedule = respaced_schedule(config.train_steps, config.num_steps, config.spacing)
+        self.device = prior.device
+        self.model_dtype = next(prior.transformer.parameters()).dtype
+
+    # ------------------------------------------------------------------ noise
+    def initial_noise(self, class_id: int, indices: Sequence[int]) -> torch.Tensor:
+        """x_T for the given samples (CPU, float32): a pure function of (seed, class_id, k)."""
+        return _NoiseStreams(self.config.seed, class_id, list(indices), self.prior.latent_shape).draw()
+
+    # ------------------------------------------------------------------ model
+    def _autocast(self):
+        if self.device.type == "cuda" and self.config.autocast:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def predict(self, x_t: torch.Tensor, class_id: int, timestep: int):
+        """CFG-combined epsilon (n, C, H, W) and the conditional variance channels (or None)."""
+        cfg = self.config
+        n, channels = x_t.shape[0], self.prior.latent_shape[0]
+        use_cfg = cfg.cfg_scale != 1.0
+        model_in = torch.cat([x_t, x_t]) if use_cfg else x_t
+        labels = torch.full((model_in.shape[0],), class_id, dtype=torch.long, device=self.device)
+        if use_cfg:
+            labels[n:] = self.prior.null_class_id
+        steps = torch.full((model_in.shape[0],), int(timestep), dtype=torch.long, device=self.device)
+        with self._autocast():
+            out = self.prior.transformer(model_in.to(self.model_dtype), timestep=steps, class_labels=labels).sample
+        out = out.float()
+        if use_cfg:
+            cond, uncond = out[:n], out[n:]
+            k = min(DIT_CFG_CHANNELS, channels) if cfg.cfg_channels == "dit" else channels
+            mixed = uncond[:, :k] + cfg.cfg_scale * (cond[:, :k] - uncond[:, :k])
+            # DiT keeps the conditional prediction for the unguided channels and for the variance.
+            eps = torch.cat([mixed, cond[:, k:channels]], dim=1)
+            out = cond
+        else:
+            eps = out[:, :channels]
+        var_values = out[:, channels:] if self.prior.learned_variance else None
+        return eps, var_values
+
+    # ------------------------------------------------------------------ sampling
+    def _guidance_inputs(self, centroids, bases, n: int):
+        cfg = self.config
+        if cfg.guidance == "none":
+            return None, None
+        if centroids is None:
+            raise ValueError(f"guidance {cfg.guidance!r} needs centroids (n, {self.prior.latent_dim})")
+        c = _as_tensor(centroids, self.device)
+        if c.shape != (n, self.prior.latent_dim):
+            raise ValueError(f"centroids must have shape ({n}, {self.prior.latent_dim}), got {tuple(c.shape)}")
+        if cfg.guidance == "mode":
+            return c, None
+        if bases is None:
+            raise ValueError("manifold guidance needs tangent bases (n, D, d) or (n, S, D, d)")
+        u = _as_tensor(bases, self.device)
+        d_lat, n_guided = self.prior.latent_dim, cfg.num_guided_steps
+        ok = (u.ndim == 3 and u.shape[:2] == (n, d_lat)) or (
+            u.ndim == 4 and u.shape[0] == n and u.shape[1] == n_guided and u.shape[2] == d_lat)
+        if not ok:
+            raise ValueError(f"bases must be ({n}, {d_lat}, d) or ({n}, {n_guided}, {d_lat}, d) "
+                             f"(S = number of guided steps), got {tuple(u.shape)}")
+        return c, u
+
+    @torch.inference_mode()
+    def sample_latents(
+        self,
+        class_id: int,
+        indices: Sequence[int],
+        centroids=None,
+        bases=None,
+        *,
+        noise: torch.Tensor | None = None,
+        step_callback: Callable[[StepInfo], None] | None = None,
+    ) -> torch.Tensor:
+        """Final scaled latents (n, C, H, W) on CPU for samples ``indices`` of ``class_id``.
+
+        ``centroids``: (n, D) in the scaled latent space (where x_t lives); ``bases``: (n, D, d), or
+        (n, S, D, d) with one basis per guided step. ``noise`` replaces x_T (the step noise still
+        comes from the per-sample streams, so passing ``initial_noise(...)`` changes nothing).
+        """
+        cfg = self.config
+        indices = [int(k) for k in indices]
+        n = len(indices)
+        if not 0 <= class_id < self.prior.num_classes:
+            raise ValueError(f"class_id must be in [0, {self.prior.num_classes}), got {class_id}")
+        c_all, u_all = self._guidance_inputs(centroids, bases, n)
+        if noise is not None and tuple(noise.shape) != (n, *self.prior.latent_shape):
+            raise ValueError(f"noise must have shape {(n, *self.prior.latent_shape)}, got {tuple(noise.shape)}")
+        out = []
+        for start in range(0, n, cfg.max_batch):
+            rows = slice(start, min(start + cfg.max_batch, n))
+            out.append(self._sample_chunk(
+                class_id, indices[rows],
+                None if c_all is None else c_all[rows],
+                None if u_all is None else u_all[rows],
+                None if noise is None else noise[rows],
+                step_callback,
+            ))
+        return torch.cat(out) if out else torch.empty((0, *self.prior.latent_shape))
+
+    def _sample_chunk(self, class_id, chunk, centroids, bases, noise, step_callback) -> torch.Tensor:
+        cfg, sched = self.config, self.schedule
+        streams = _NoiseStreams(cfg.seed, class_id, chunk, self.prior.latent_shape)
+        x_T = streams.draw()  # always drawn, so the step noise stream is the same with or without `noise`
+        x = (x_T if noise is None else noise.detach().cpu().float()).to(self.device)
+        guided = set(cfg.guided_indices())
+        j = 0
+        for i in range(sched.num_steps - 1, -1, -1):
+            t = int(sched.timesteps[i])
+            eps, var_values = self.predict(x, class_id, t)
+            # Draw on the CPU while the device runs the model (launches above are asynchronous).
+            z = streams.draw().to(self.device, non_blocking=True) if cfg.sampler == "ddpm" and i > 0 else None
+            state = None
+            if i in guided:
+                basis = None if bases is None else (bases[:, j] if bases.ndim == 4 else bases)
+                state = GuidanceState(cfg.guidance, centroids, basis, cfg.guidance_scale, cfg.normal_weight)
+            step = denoise_step(sched, i, x, eps, var_values, sampler=cfg.sampler, noise=z, guidance=state)
+            if step_callback is not None:
+                step_callback(StepInfo(index=i, timestep=t, sample_indices=list(chunk), x_t=x, eps=eps,
+                                       guided_step=j if state is not None else None, **step))
+            x = step["x_prev"]
+            j += state is not None
+        return x.cpu()
+
+    # ------------------------------------------------------------------ decoding
+    @torch.inference_mode()
+    def decode(self, latents) -> np.ndarray:
+        """Scaled latents -> uint8 images (n, H, W, 3), decoded in chunks of ``max_batch``."""
+        vae = self.prior.vae
+        vae_dtype = next(vae.parameters()).dtype
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        latents = _as_tensor(latents, "cpu")
+        images = []
+        for start in range(0, latents.shape[0], self.config.max_batch):
+            z = latents[start:start + self.config.max_batch].to(self.device)
+            with self._autocast():
+                x = vae.decode((z / self.prior.scaling_factor + shift).to(vae_dtype)).sample
+            images.append(to_uint8(x.float()).permute(0, 2, 3, 1).cpu().numpy())
+        if not images:
+            size = self.prior.image_size
+            return np.zeros((0, size, size, 3), dtype=np.uint8)
+        return np.concatenate(images)
+
+    def sample(self, class_id: int, indices: Sequence[int], centroids=None, bases=None) -> np.ndarray:
+        """uint8 images (n, H, W, 3) for samples ``indices`` of ``class_id``."""
+        return self.decode(self.sample_latents(class_id, indices, centroids, bases))
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> uint8 the way DiT's save_image does: clamp, scale to [0, 255], round half up."""
+    return ((x.clamp(-1, 1) + 1) * 127.5 + 0.5).floor().clamp(0, 255).to(torch.uint8)
