@@ -125,9 +125,10 @@ def two_means(Xn, sq_norms, node_sum, rng: np.random.Generator, *, n_init: int =
 
 
 def _matmul_columns(A, B):
-    """A @ B for a B of a few columns. OpenBLAS runs a few-column GEMM 2-4x slower than the same number
-    of matrix-vector products, so on the host the columns go one by one; a GPU takes the GEMM."""
-    if array_module(A) is not np:
+    """A @ B for a B of a few columns. OpenBLAS runs a few-column GEMM on a big A 2-4x slower than the
+    same number of matrix-vector products, so there the columns go one by one; small A (where Python
+    overhead dominates) and GPUs take the GEMM."""
+    if array_module(A) is not np or A.size < (1 << 20):
         return A @ B
     columns = np.ascontiguousarray(B.T)  # a strided vector would drop numpy off the BLAS path
     return np.stack([A @ column for column in columns], axis=1)
