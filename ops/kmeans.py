@@ -163,7 +163,7 @@ def two_means_cuml(Xn, seed: int, *, n_init: int = 4, max_iter: int = DEFAULT_MA
     from cuml.cluster import KMeans  # noqa: PLC0415 - optional, GPU only
 
     model = KMeans(n_clusters=2, n_init=int(n_init), max_iter=max_iter, tol=tol,
-                   random_state=int(seed), init="k-means++", output_type="cupy")
+                   random_state=int(seed), init="scalable-k-means++", output_type="cupy")
     labels = model.fit(Xn).labels_.astype(bool)
     if bool(labels.all()) or not bool(labels.any()):
         return None
@@ -182,7 +182,7 @@ def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 300, to
         from cuml.cluster import KMeans  # noqa: PLC0415 - optional, GPU only
 
         model = KMeans(n_clusters=int(k), n_init=int(n_init), max_iter=max_iter, tol=tol,
-                       random_state=int(seed), init="k-means++", output_type="cupy")
+                       random_state=int(seed), init="scalable-k-means++", output_type="cupy")
         model.fit(X)
         xp = array_module(X)
         labels = model.labels_.astype(xp.int64)
