@@ -10,8 +10,8 @@ Speed notes (why the code looks the way it does; measured on 2 cores, D = 4,096 
   projection: x is closer to c1 than to c0 iff 2 x.(c1 - c0) > |c1|^2 - |c0|^2, one matrix-vector
   product per Lloyd step. The node's sum is known, so the other cluster's sum is a subtraction, and the
   SSE of a partition follows without touching X again: SSE = sum |x|^2 - n1 |c1|^2 - n0 |c0|^2.
-- Several starts run side by side for two steps (extra columns of one product), then only the best
-  continues; later steps update the cluster sum from the few points that changed side.
+- Several starts run side by side for two steps (a column each in the same products), then only the
+  best continues; its later steps update the cluster sum from the few points that changed side.
 - A 1-column GEMM is 3-4x slower than a matrix-vector product in OpenBLAS, so single columns use the latter.
 """
 from __future__ import annotations
@@ -20,8 +20,8 @@ import numpy as np
 
 from ops.backend import array_module, cuml_available, to_numpy
 
-# Relative tolerance on the centre shift, as scikit-learn uses it: the squared shift summed over the
-# centres, divided by the mean per-feature variance of the data being split.
+# Relative tolerance on the centre shift, as scikit-learn uses it: a run stops when the squared shift
+# summed over the centres is at most tol x the mean per-feature variance of the whole data set.
 DEFAULT_TOL = 1e-4
 DEFAULT_MAX_ITER = 100
 
@@ -62,8 +62,8 @@ def two_means(Xn, sq_norms, node_sum, rng: np.random.Generator, *, n_init: int =
     rows; node_sum: (D,) float64 sum of its rows, so that the cluster-0 sum is node_sum - s1 for free.
     tol_abs: stop when the squared centre shift (both centres) is at most this.
     All starts run ``explore_iter`` Lloyd steps side by side; the one with the lowest SSE then runs to
-    convergence (labels unchanged, shift <= tol_abs, or ``max_iter``). Pruning early is what lets several
-    starts cost about as much as one: after two steps the ranking of 2-means starts rarely changes.
+    convergence (labels unchanged, shift <= tol_abs, or ``max_iter``). Pruning early keeps several starts
+    cheap: after two steps the ranking of 2-means starts rarely changes, and most steps are spent later.
     Returns boolean labels (n,) (True = cluster 1) on Xn's device, or None when no start separates the
     points (numerically identical points).
     """
@@ -99,7 +99,7 @@ def two_means(Xn, sq_norms, node_sum, rng: np.random.Generator, *, n_init: int =
     n1 = int(labels.sum())
     # The winner: the cluster-1 sum is kept up to date from the points that changed side, which after
     # the first steps are few, so an iteration costs about one matrix-vector product.
-    s1 = c1.astype(xp.float64) * n1
+    s1 = c1.astype(xp.float64) * n1  # float32 mean x count: exact enough to steer Lloyd; final sums are exact
     for _ in range(max_iter):
         new = _assign_two(Xn, c1[None, :], c0[None, :])[:, 0]
         moved_in = new & ~labels

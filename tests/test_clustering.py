@@ -194,6 +194,34 @@ def test_level_scan_takes_coarse_nodes_then_leaves(digits):
     assert all(sel.tree.nodes[i].is_leaf for i in sel.node_ids[n_level:])
 
 
+@pytest.mark.parametrize("start_level", [2, 3, None])
+def test_level_picks_follow_the_documented_rule(digits, start_level):
+    # Replay the rule: at each level, the pick has the most members among the nodes of that depth that
+    # are not nested with an earlier pick and leave enough free leaves to still reach ipc.
+    X = _class(digits, 5)
+    ipc = 8
+    sel = select_ipc_nodes(X, ipc, start_level=start_level)
+    tree = sel.tree
+
+    def leaves_below(i):
+        node = tree.nodes[i]
+        return 1 if node.is_leaf else sum(leaves_below(c) for c in node.children)
+
+    taken = []
+    for node_id, how in zip(sel.node_ids, sel.picked_by):
+        if how != "level":
+            break
+        depth = tree.nodes[node_id].depth
+        spare = tree.n_leaves - ipc - sum(leaves_below(t) - 1 for t in taken)
+        rivals = [n for n in tree.nodes if n.depth == depth and leaves_below(n.id) - 1 <= spare
+                  and not any(tree.is_nested(n.id, t) for t in taken)]
+        assert tree.nodes[node_id].size == max(n.size for n in rivals)
+        taken.append(node_id)
+    assert taken, "the scan took no node"
+    fill = [tree.nodes[i].size for i, how in zip(sel.node_ids, sel.picked_by) if how == "leaf"]
+    assert fill == sorted(fill, reverse=True)  # leaves: most members first
+
+
 def test_ipc_one_is_the_class_mean(digits):
     X = _class(digits)
     np.testing.assert_allclose(select_ipc_centroids(X, 1)[0], X.mean(axis=0), rtol=1e-5, atol=1e-4)
