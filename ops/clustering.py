@@ -86,6 +86,8 @@ class DivisiveTree:
 
 
 def _validate_points(X, name: str = "X"):
+    if not hasattr(X, "ndim"):  # lists and the like
+        X = np.asarray(X)
     check_finite_matrix(X, name)
     if X.shape[0] == 0:
         raise ValueError(f"{name} has no points (0 rows)")
@@ -101,6 +103,12 @@ def _positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
 
 
 def _auto_n_init(n: int, d: int) -> int:
@@ -130,8 +138,7 @@ def build_divisive_tree(X, max_leaves: int, *, seed: int = 0, n_init: int | None
         raise ValueError(f"max_leaves={max_leaves} exceeds the number of points in X ({X.shape[0]})")
     if n_init is not None:
         n_init = _positive_int(n_init, "n_init")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = _seed(seed)
     backend = choose_backend(X, backend)
     xp = array_module(X)
 
@@ -299,7 +306,7 @@ def select_ipc_nodes(X, ipc: int, *, method: str = "divisive", start_level: int 
          (ties: larger SSE, then lower id).
       The taken nodes are never nested, so no two centroids summarise overlapping points.
     method="kmeans": MGD3's baseline, k-means with k = ipc (k-means++ seeding, best of 3), clusters in
-    index order.
+    index order. ``n_init`` applies to the divisive tree's 2-means only.
 
     Centroid = the node's mean, or with centroid="medoid" its member nearest to that mean.
     A class with fewer than ipc distinct points gets all it has (the leaves of the fully split tree, or
@@ -314,6 +321,7 @@ def select_ipc_nodes(X, ipc: int, *, method: str = "divisive", start_level: int 
     if centroid not in CENTROIDS:
         raise ValueError(f"centroid must be one of {CENTROIDS}, got {centroid!r}")
     branching = _positive_int(branching, "branching")
+    seed = _seed(seed)
     if start_level is not None and (isinstance(start_level, bool)
                                     or not isinstance(start_level, (int, np.integer)) or start_level < 0):
         raise ValueError(f"start_level must be a non-negative integer or None, got {start_level!r}")

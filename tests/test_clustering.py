@@ -309,6 +309,7 @@ GOOD = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
     (lambda: divisive_kmeans(np.full((5, 2), np.nan), 2), "X"),
     (lambda: build_divisive_tree(GOOD, 30), "max_leaves"),
     (lambda: build_divisive_tree(GOOD, 3, seed=-1), "seed"),
+    (lambda: select_ipc_centroids(GOOD, 3, method="kmeans", seed=-1), "seed"),
     (lambda: build_divisive_tree(GOOD, 3, n_init=0), "n_init"),
     (lambda: build_divisive_tree(GOOD, 3, backend="cupy"), "backend"),
 ])
