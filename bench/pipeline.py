@@ -68,7 +68,7 @@ def main() -> None:
 
     from pipeline.config import build_config, validate
     from pipeline.distill import encode_stage, run
-    from pipeline.model_refs import image_size
+    from pipeline.model_refs import prior_info
     from pipeline.outputs import OutputDir
     from pipeline.sources import list_source
 
@@ -86,7 +86,7 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     cfg = config(tmp / "ray")
     listing = list_source(cfg.data)
-    size = image_size(cfg.model)
+    size = prior_info(cfg.model)[0]
     t = time.perf_counter()
     run(cfg, listing)
     t_ray = time.perf_counter() - t

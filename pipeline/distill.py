@@ -82,16 +82,22 @@ def _builtin_prior(name: str) -> bool:
         return False
 
 
-def check_model(cfg: DistillConfig) -> int:
-    """Fail before Ray starts when the model configs cannot be found; returns the image size."""
-    from pipeline.model_refs import image_size  # noqa: PLC0415
+def check_model(cfg: DistillConfig, listing) -> int:
+    """Fail before Ray starts when the model configs cannot be found, or when the data has labels the
+    model does not know; returns the image size."""
+    from pipeline.model_refs import prior_info  # noqa: PLC0415
     from pipeline.models import PriorLoadError  # noqa: PLC0415
 
     try:
-        return image_size(cfg.model)
+        size, num_classes = prior_info(cfg.model)
     except PriorLoadError as exc:
         raise ConfigError("model.model", str(exc).splitlines()[0] + " (run with a local folder or stage "
                           "the weights: see docs/models.md)") from None
+    top = max(listing.labels.values(), default=-1)
+    if top >= num_classes:
+        raise ConfigError("data.class_map", f"the data has label ids up to {top} but the model knows "
+                          f"{num_classes} classes; map the folders to the model's ids with data.class_map")
+    return size
 
 
 # ------------------------------------------------------------------------------------------- ray
@@ -263,11 +269,19 @@ def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: Outp
             attempts[cls] = attempts.get(cls, 0) + 1
             if attempts[cls] >= MAX_CLASS_ATTEMPTS:
                 raise RuntimeError(f"class {cls} failed {attempts[cls]} times; last error: {exc}") from exc
-            log(f"sample: worker lost on class {cls} ({type(exc).__name__}); retrying on a new actor")
+            log(f"sample: worker lost on class {cls} ({type(exc).__name__}); retrying the class")
             todo.appendleft(cls)
-            idle.append(actor_cls.remote(cfg_dict, threads))
+            live = len(idle) + len(in_flight)
+            # Replace the actor only where it can be placed now (or when none is left): a replacement
+            # that waits for resources held by idle actors would be handed work and never run it.
+            if live == 0 or _fits(options):
+                idle.insert(0, actor_cls.remote(cfg_dict, threads))
             continue
         idle.append(actor)
+        if not todo:  # nothing left to hand out: free the resources for any actor still waiting for them
+            for spare in idle:
+                ray.kill(spare)
+            idle.clear()
         results.append(res)
         done = len(results)
         elapsed = time.perf_counter() - start
@@ -276,6 +290,13 @@ def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: Outp
         if cfg.runtime.progress:
             log(f"sample: {done}/{total} classes, {rate:.2f} images/s, ETA {eta:.0f}s")
     return results
+
+
+def _fits(options: dict) -> bool:
+    import ray  # noqa: PLC0415
+
+    free = ray.available_resources()
+    return free.get("CPU", 0) >= options.get("num_cpus", 0) and free.get("GPU", 0) >= options.get("num_gpus", 0)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -327,7 +348,7 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
     """Run (or resume) a distillation; returns the run record also written to run.json."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    image_size = check_model(cfg)
+    image_size = check_model(cfg, listing)
     out = OutputDir(cfg.out)
     out.prepare(cfg, overwrite)
     init_ray()

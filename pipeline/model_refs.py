@@ -62,8 +62,8 @@ def load_model(model: ModelConfig, device: str = "cpu"):
                       revision=model.revision or None)
 
 
-def image_size(model: ModelConfig) -> int:
-    """Pixel size the prior works at, from the configs alone (no weights are read)."""
+def prior_info(model: ModelConfig) -> tuple[int, int]:
+    """(image size in pixels, number of classes) of the prior, from its configs alone (no weights)."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415
 
     from pipeline.models import PriorLoadError, _staging_help  # noqa: PLC0415
@@ -80,4 +80,4 @@ def image_size(model: ModelConfig) -> int:
                              + _staging_help(ref, model.vae or None)) from None
     sample = tconf["sample_size"]
     sample = sample if isinstance(sample, int) else sample[0]
-    return int(sample) * 2 ** (len(vconf["block_out_channels"]) - 1)
+    return int(sample) * 2 ** (len(vconf["block_out_channels"]) - 1), int(tconf["num_embeds_ada_norm"] or 0)

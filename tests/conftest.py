@@ -68,6 +68,6 @@ def ray_session():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `cluster` start and stop whole Ray clusters (`ray stop` ends every Ray process on
-    the machine), so they run last, after the shared session instance is no longer needed."""
+    """Tests marked `cluster` shut the shared session instance down to start clusters of their own, so
+    they run last."""
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
+import tempfile
 import subprocess
 import sys
 import threading
@@ -36,6 +38,20 @@ def _tree(out: Path) -> dict:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()}
 
 
+def _wait_for_dashboard(port: int, proc, timeout: float = 120.0) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "ray start --head exited early"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("the Ray dashboard did not come up")
+
+
 def _env():
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
@@ -50,10 +66,14 @@ def test_ray_job_submit(tmp_path, tiny_prior):
     out = tmp_path / "out"
     port, dash = _free_port(), _free_port()
     env = _env()
-    subprocess.run([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-                    f"--dashboard-port={dash}", "--disable-usage-stats"], check=True, env=env,
-                   capture_output=True, timeout=120)
+    # `ray start --block` in its own process group: stopping it ends this cluster only (`ray stop` would
+    # end every Ray process on the machine, other users' included).
+    head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats",
+                             f"--temp-dir={tempfile.mkdtemp(prefix='rayjob', dir='/tmp')}"], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        _wait_for_dashboard(dash, head)
         job = subprocess.run(
             [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
              "--", str(BIN / "manifoldgd"), *_distill_args(data, out, tiny_prior)],
@@ -61,19 +81,26 @@ def test_ray_job_submit(tmp_path, tiny_prior):
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower()
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
     assert sorted(p.name for p in (out / "train" / "a").glob("*.png")) == ["a_0000.png", "a_0001.png"]
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["images"] == 4
 
 
-def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path, tiny_prior):
+def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path):
     import ray
+
+    from conftest import save_tiny_prior
     from ray.cluster_utils import Cluster
 
     from pipeline.cli import main
 
     ray.shutdown()
+    tiny_prior = save_tiny_prior(tmp_path / "prior", num_classes=6)
     data = write_image_folder(tmp_path / "data", {c: 4 for c in "abcdef"})
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
 
