@@ -59,9 +59,9 @@ def build_prior(dit_kwargs: dict, vae_kwargs: dict | None, device: str, dtype=to
 def guidance_inputs(n: int, latent_dim: int, n_guided: int, dim: int, device, seed: int = 0):
     """Random centroids (n, D) and per-step orthonormal bases (n, S, D, d), as the pipeline passes them."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    centroids = torch.randn((n, latent_dim), generator=g).to(device)
-    bases, _ = torch.linalg.qr(torch.randn((n, max(n_guided, 1), latent_dim, dim), generator=g).to(device))
-    return centroids, bases
+    centroids = torch.randn((n, latent_dim), generator=g)
+    bases, _ = torch.linalg.qr(torch.randn((n, max(n_guided, 1), latent_dim, dim), generator=g))  # CPU: batched
+    return centroids.to(device), bases.to(device)
 
 
 def _sync(device):
