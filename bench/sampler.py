@@ -9,7 +9,7 @@
    unguided step (model forward included) at the same batch. Timing whole XL steps twice and
    dividing would drown a < 3% effect in the noise of a shared 2-core machine.
 
-    .venv/bin/python bench/sampler.py            # about 3-5 minutes on 2 cores
+    .venv/bin/python bench/sampler.py            # 1-3 minutes on 2 cores, longer when shared
 """
 from __future__ import annotations
 
