@@ -1,0 +1,192 @@
+"""`manifoldgd prior-quality`: does the prior draw the class it is asked for?
+
+A small CNN is trained on the real train split of a built-in dataset (its real test accuracy is printed,
+so the judge is known to be a good one); the prior then draws unguided class-conditional samples with
+DiT's protocol (50 DDPM steps, CFG 4.0, learned variance; ``GuidedSampler`` with guidance "none") and
+the command prints the fraction the classifier assigns to the conditioning class, per class and overall.
+Exit code 1 when that fraction is below ``--min-fraction`` (issue 5 asks for 0.9).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DigitClassifier(nn.Module):
+    """Three conv -> ReLU -> max-pool stages and a linear head: ~99% on MNIST within a few epochs."""
+
+    def __init__(self, num_classes: int, channels: int = 3, width: int = 32):
+        super().__init__()
+        layers, c = [], channels
+        for w in (width, 2 * width, 4 * width):
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+            c = w
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random translation by up to ``max_shift`` pixels (background-padded): tolerance to off-centre samples."""
+    n, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=-1.0)
+    dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=gen)
+    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *, epochs: int = 4,
+                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
+    model = DigitClassifier(num_classes, channels=x.shape[1])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    total = epochs * -(-len(x) // batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(model(_shift(x[idx], gen)), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classify(model: nn.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
+    model.eval()
+    return torch.cat([model(_to_tensor(images[i:i + batch_size])).argmax(1)
+                      for i in range(0, len(images), batch_size)]).numpy()
+
+
+def real_images(dataset: str, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A built-in split through the pipeline's own preprocessing (RGB, DiT centre crop to ``size``)."""
+    from PIL import Image  # noqa: PLC0415
+
+    from pipeline.datasets import load_builtin  # noqa: PLC0415
+    from pipeline.preprocess import centre_crop  # noqa: PLC0415
+
+    images, labels, names = load_builtin(dataset, split)
+    pixels = np.stack([np.asarray(centre_crop(Image.fromarray(im).convert("RGB"), size)) for im in images])
+    return pixels, labels, names
+
+
+@dataclass
+class QualityReport:
+    classifier_test_accuracy: float
+    fraction_correct: float
+    per_class: dict[str, float]
+    n_per_class: int
+    cfg_scale: float
+    num_steps: int
+    seconds_classifier: float
+    seconds_sampling: float
+
+    def passed(self, minimum: float) -> bool:
+        return self.fraction_correct >= minimum
+
+
+def measure_prior_quality(prior_dir: str, dataset: str = "mnist10k", *, n_per_class: int = 50,
+                          cfg_scale: float = 4.0, num_steps: int = 50, seed: int = 0,
+                          classifier_epochs: int = 4, samples_out: str = "") -> QualityReport:
+    from pipeline.models import load_prior  # noqa: PLC0415
+    from pipeline.sampler import GuidedSampler, SamplerConfig  # noqa: PLC0415
+
+    prior = load_prior(prior_dir, None)
+    size = prior.image_size
+    t0 = time.perf_counter()
+    train_x, train_y, names = real_images(dataset, "train", size)
+    test_x, test_y, _ = real_images(dataset, "test", size)
+    if prior.num_classes != len(names):
+        raise SystemExit(f"the prior has {prior.num_classes} classes, {dataset} has {len(names)}")
+    clf = train_classifier(train_x, train_y, len(names), epochs=classifier_epochs, seed=seed)
+    test_acc = float((classify(clf, test_x) == test_y).mean())
+    t1 = time.perf_counter()
+    print(f"[prior-quality] classifier trained on {len(train_x)} real {dataset} train images: "
+          f"real test accuracy {test_acc:.4f} ({t1 - t0:.0f} s)", flush=True)
+
+    sampler = GuidedSampler(prior, SamplerConfig(num_steps=num_steps, cfg_scale=cfg_scale, guidance="none",
+                                                 seed=seed, max_batch=max(1, n_per_class)))
+    per_class, sheet = {}, []
+    for c, name in enumerate(names):
+        images = sampler.sample(c, range(n_per_class))
+        per_class[name] = float((classify(clf, images) == c).mean())
+        sheet.append(images[: min(10, n_per_class)])
+        print(f"[prior-quality] class {name}: {per_class[name]:.2f} of {n_per_class} samples classified as {name}",
+              flush=True)
+    t2 = time.perf_counter()
+    if samples_out:
+        _save_sheet(sheet, Path(samples_out))
+    return QualityReport(test_acc, float(np.mean(list(per_class.values()))), per_class, n_per_class,
+                         cfg_scale, num_steps, t1 - t0, t2 - t1)
+
+
+def _save_sheet(rows: list[np.ndarray], path: Path) -> None:
+    """One row per class, up to 10 samples each."""
+    from PIL import Image  # noqa: PLC0415
+
+    h, w = rows[0].shape[1:3]
+    cols = max(len(r) for r in rows)
+    sheet = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 255, dtype=np.uint8)
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            sheet[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = im
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).save(path)
+    print(f"[prior-quality] samples: {path}")
+
+
+def _command(args) -> int:
+    from pipeline.model_refs import resolve  # noqa: PLC0415
+
+    report = measure_prior_quality(resolve(args.prior), args.data, n_per_class=args.n_per_class,
+                                   cfg_scale=args.cfg_scale, num_steps=args.num_steps, seed=args.seed,
+                                   classifier_epochs=args.classifier_epochs, samples_out=args.samples)
+    verdict = "PASS" if report.passed(args.min_fraction) else "FAIL"
+    print(f"[prior-quality] {verdict}: {report.fraction_correct:.4f} of {report.n_per_class * len(report.per_class)} "
+          f"unguided samples (CFG {report.cfg_scale}, {report.num_steps} steps) classified as their "
+          f"conditioning class (required >= {args.min_fraction}); classifier real test accuracy "
+          f"{report.classifier_test_accuracy:.4f}; sampling {report.seconds_sampling:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.__dict__, indent=1))
+    return 0 if report.passed(args.min_fraction) else 1
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "prior-quality",
+        help="fraction of unguided class-conditional samples a real-data classifier assigns to their class",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--prior", default="builtin:mnist10k", help="prior folder (diffusers layout) or builtin:NAME")
+    p.add_argument("--data", default="mnist10k", help="built-in dataset the classifier is trained and tested on")
+    p.add_argument("--n-per-class", type=int, default=50)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    p.add_argument("--num-steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--classifier-epochs", type=int, default=4)
+    p.add_argument("--min-fraction", type=float, default=0.9)
+    p.add_argument("--samples", default="", help="write a contact sheet of samples (one row per class) here")
+    p.add_argument("--json", default="", help="write the report as JSON here")
+    p.set_defaults(func=_command)
