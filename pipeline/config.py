@@ -4,8 +4,9 @@ Sources, later ones winning: dataclass defaults (METHOD.md's published setting) 
 < command-line flags < ``--set section.key=value``. ``validate`` raises ``ConfigError`` naming the field;
 the CLI turns that into exit code 2 before Ray starts.
 
-The ``runtime`` section (actor counts, batch sizes, progress) cannot change a single output byte, so it is
-left out of the hash: a rerun on a bigger cluster resumes the same output folder.
+The ``runtime`` section (actor counts, encode batch size, progress) cannot change a single output byte, so
+it is left out of the hash: a rerun on a bigger cluster resumes the same output folder. (Encoded latents are
+kept in the output folder, so the encode batch size does not reach a rerun either.)
 """
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ class SamplerSection:
     guidance_scale: float = 0.1  # lambda
     t_stop: int = 25            # guided while the respaced step index t > t_stop
     normal_weight: float = 0.0
+    # Samples per model call (CFG doubles it). Hashed: BLAS picks kernels by batch size, so another
+    # max_batch can move a pixel by one grey level; a rerun must use the same value to resume bytes.
+    max_batch: int = 64
 
 
 @dataclass
@@ -86,7 +90,6 @@ class RuntimeConfig:
     encode_batch_size: int = 64
     encode_actors: int = 0      # 0 = sized from the cluster's free resources
     sample_actors: int = 0      # 0 = one per GPU, or a share of the CPUs
-    max_batch: int = 64         # model batch when sampling (CFG doubles it)
     progress: bool = True
 
 
@@ -242,9 +245,10 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
         if getattr(s, name) < 0:
             raise ConfigError(f"sampler.{name}", f"must be >= 0, got {getattr(s, name)}")
     r = cfg.runtime
-    for name in ("encode_batch_size", "max_batch"):
-        if getattr(r, name) <= 0:
-            raise ConfigError(f"runtime.{name}", f"must be positive, got {getattr(r, name)}")
+    if s.max_batch <= 0:
+        raise ConfigError("sampler.max_batch", f"must be positive, got {s.max_batch}")
+    if r.encode_batch_size <= 0:
+        raise ConfigError("runtime.encode_batch_size", f"must be positive, got {r.encode_batch_size}")
     for name in ("encode_actors", "sample_actors"):
         if getattr(r, name) < 0:
             raise ConfigError(f"runtime.{name}", f"must be >= 0, got {getattr(r, name)}")

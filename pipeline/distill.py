@@ -15,7 +15,9 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -344,6 +346,10 @@ def write_manifest(out: OutputDir, classes: list[str]) -> int:
     return table.num_rows
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
     """Run (or resume) a distillation; returns the run record also written to run.json."""
     timings: dict[str, float] = {}
@@ -352,6 +358,10 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
     out = OutputDir(cfg.out)
     out.prepare(cfg, overwrite)
     init_ray()
+    if threading.current_thread() is threading.main_thread():
+        # After ray.init, which installs its own handler: SIGTERM (kubectl delete, a job timeout) unwinds
+        # like Ctrl-C, so temp files are removed and the next run resumes.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     timings["ray_init"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -417,6 +427,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"manifoldgd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("manifoldgd: interrupted; finished classes are kept: rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:  # includes a Ray task's OSError (disk full, permissions) on any node
+        cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the worker's exception
+        errno_name = os.strerror(cause.errno) if getattr(cause, "errno", None) else str(cause).splitlines()[-1]
+        where = getattr(cause, "filename", None) or cfg.out
+        print(f"manifoldgd: error: cannot write {where}: {errno_name}. Nothing written is corrupt (files are "
+              "renamed into place when complete); fix the cause and rerun the same command to resume",
+              file=sys.stderr)
+        return 1
     return 0
 
 
