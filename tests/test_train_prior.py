@@ -1,0 +1,199 @@
+"""train-prior: the diffusion loss, the DiT set-up, a tiny end-to-end run through Ray Train, the shipped
+prior, and the prior-quality classifier."""
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import train_prior as tp
+
+LATENT = (4, 4, 4)
+
+
+class OracleModel:
+    """Predicts the true noise of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and a fixed variance value."""
+
+    def __init__(self, loss: tp.DiffusionLoss, x0: torch.Tensor, v: float, eps_scale: float = 1.0):
+        self.loss, self.x0, self.v, self.eps_scale = loss, x0, v, eps_scale
+
+    def __call__(self, x_t, timestep, class_labels):
+        a = self.loss.sqrt_abar[timestep].view(-1, 1, 1, 1)
+        b = self.loss.sqrt_one_minus_abar[timestep].view(-1, 1, 1, 1)
+        eps = (x_t - a * self.x0) / b * self.eps_scale
+        return SimpleNamespace(sample=torch.cat([eps, torch.full_like(eps, self.v)], dim=1))
+
+
+def _batch(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *LATENT), generator=g), torch.randn((n, *LATENT), generator=g)
+
+
+def test_oracle_has_zero_mse_and_zero_bound_when_its_variance_is_the_posterior_variance():
+    loss = tp.DiffusionLoss(1000, learned_variance=True, device="cpu")
+    x0, noise = _batch()
+    t = torch.tensor([1, 5, 50, 200, 500, 800, 990, 999])
+    # v = -1 selects log beta_tilde_t: exactly q(x_{t-1} | x_t, x0) when the mean is exact.
+    mse, vb = loss.terms(OracleModel(loss, x0, v=-1.0), x0, None, t, noise)
+    assert torch.allclose(mse, torch.zeros_like(mse), atol=1e-6)
+    assert torch.allclose(vb, torch.zeros_like(vb), atol=1e-5)
+    # v = +1 selects log beta_t > log beta_tilde_t: a positive KL where the two differ (small t; at
+    # large t they agree and so does the bound).
+    _, vb_large = loss.terms(OracleModel(loss, x0, v=1.0), x0, None, t, noise)
+    assert torch.all(vb_large[:4] > 1e-5) and vb_large[0] > vb_large[1] > vb_large[2]
+    assert torch.all(vb_large > -1e-6)
+
+
+def test_bound_at_t0_is_the_gaussian_nll_of_x0():
+    loss = tp.DiffusionLoss(1000, learned_variance=True, device="cpu")
+    x0, noise = _batch(n=2)
+    t = torch.zeros(2, dtype=torch.long)
+    _, vb = loss.terms(OracleModel(loss, x0, v=-1.0), x0, None, t, noise)
+    # At t = 0 the posterior mean coefficient on x0 is 1, so the mean is x0 and only the variance is left.
+    log_var = float(loss.log_beta_tilde[0])
+    expected = 0.5 * (math.log(2 * math.pi) + log_var) / math.log(2.0)
+    assert torch.allclose(vb, torch.full_like(vb, expected), atol=1e-5)
+
+
+def test_bound_trains_only_the_variance_channels():
+    loss = tp.DiffusionLoss(1000, learned_variance=True, device="cpu")
+    x0, noise = _batch()
+    out = torch.randn((8, 8, 4, 4), requires_grad=True)
+
+    def model(x_t, timestep, class_labels):
+        return SimpleNamespace(sample=out.tanh())
+
+    _, vb = loss.terms(model, x0, None, torch.full((8,), 300), noise)
+    vb.sum().backward()
+    assert torch.all(out.grad[:, :4] == 0) and out.grad[:, 4:].abs().sum() > 0
+
+
+def test_fixed_variance_loss_is_the_epsilon_mse_alone():
+    loss = tp.DiffusionLoss(1000, learned_variance=False, device="cpu")
+    x0, noise = _batch()
+
+    def model(x_t, timestep, class_labels):
+        return SimpleNamespace(sample=torch.zeros_like(x_t))
+
+    mse, vb = loss.terms(model, x0, None, torch.full((8,), 10), noise)
+    assert torch.allclose(mse, noise.pow(2).mean(dim=(1, 2, 3))) and torch.all(vb == 0)
+
+
+def _tiny_cfg(**kw) -> tp.PriorTrainConfig:
+    base = dict(image_size=16, vae_channels=(8, 8, 8), hidden_size=16, num_heads=2, depth=1)
+    base.update(kw)
+    return tp.PriorTrainConfig(**base)
+
+
+def test_transformer_starts_at_zero_with_a_null_class_row():
+    model = tp.build_transformer(_tiny_cfg(), num_classes=10, latent_size=4)
+    table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+    assert table.num_embeddings == 11  # classes 0..9 and the null class 10
+    out = model(torch.randn(3, *LATENT), timestep=torch.tensor([1, 500, 999]),
+                class_labels=torch.tensor([0, 9, 10])).sample
+    assert out.shape == (3, 8, 4, 4) and torch.all(out == 0)  # adaLN-Zero: the model starts at zero
+
+
+def test_builtin_label_dropout_is_replaced_by_the_loops_own():
+    from diffusers import DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=4, patch_size=2, num_embeds_ada_norm=10).train()
+    x, t, y = torch.randn(64, *LATENT), torch.randint(0, 1000, (64,)), torch.randint(0, 10, (64,))
+    with torch.no_grad():
+        a, b = model(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample
+        assert not torch.equal(a, b)  # diffusers drops labels at random in train()
+        tp.disable_builtin_label_dropout(model)
+        a, b = model(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample
+    assert torch.equal(a, b)
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    rates = [tp._lr_at(s, 100, 1.0, 10) for s in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(rates[10:], rates[11:])) and rates[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_batches_deal_one_permutation_to_all_ranks_without_overlap():
+    per_rank = [list(tp._batches(50, 8, r, 2, np.random.default_rng(3))) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1]) == 3  # 50 // 16 full global steps
+    seen = np.concatenate([np.concatenate(b) for b in per_rank])
+    assert len(np.unique(seen)) == len(seen) == 48
+
+
+def test_run_name_changes_with_training_settings_only():
+    a = tp.run_name(_tiny_cfg(out="/x", epochs=3))
+    assert a == tp.run_name(_tiny_cfg(out="/elsewhere", epochs=3, log_every=7))  # a rerun resumes
+    assert a != tp.run_name(_tiny_cfg(out="/x", epochs=4)) and a != tp.run_name(_tiny_cfg(out="/x", epochs=3, seed=1))
+
+
+@pytest.mark.slow
+def test_train_prior_through_ray_train_writes_a_loadable_prior(tmp_path, ray_session):
+    from pipeline.models import load_prior
+    from pipeline.sampler import GuidedSampler, SamplerConfig
+
+    out = tmp_path / "prior"
+    cfg = _tiny_cfg(data="mnist10k", out=str(out), subset=64, vae_epochs=1, epochs=2, vae_batch_size=32,
+                    batch_size=32, warmup_steps=2, log_every=1, cpus_per_worker=1, use_gpu="no")
+    record = tp.train_prior(cfg)
+    summary = record["summary"]
+    assert summary["vae_steps"] == 2 and summary["dit_steps"] == 4
+    for key in ("vae_final_epoch_l1", "dit_final_epoch_loss", "dit_final_epoch_mse", "dit_final_epoch_vb"):
+        assert math.isfinite(summary[key]), key
+    assert summary["dit_final_epoch_vb"] > 0  # the variance channels are trained
+    assert (out / "class_map.txt").read_text().splitlines()[:2] == ["0 0", "1 1"]
+    assert json.loads((out / "training.json").read_text())["config"]["subset"] == 64
+    assert not (out / ".ray_train").exists()
+
+    prior = load_prior(str(out), None)
+    assert (prior.num_classes, prior.null_class_id, prior.learned_variance) == (10, 10, True)
+    assert prior.latent_shape == (4, 4, 4) and prior.image_size == 16
+    assert prior.scaling_factor == pytest.approx(summary["scaling_factor"])
+
+    # The written scaling and shift normalise the training latents: (mean - shift) * scale has unit std.
+    pixels, _, _ = tp.load_training_images("mnist10k", 16)
+    pixels = pixels[tp.subset_indices(len(pixels), 64, cfg.seed)]
+    with torch.no_grad():
+        mean = prior.vae.encode(tp._to_model_range(pixels, "cpu")).latent_dist.mean
+    scaled = (mean - prior.vae.config.shift_factor) * prior.scaling_factor
+    assert float(scaled.mean()) == pytest.approx(0.0, abs=1e-4)
+    assert float(scaled.std()) == pytest.approx(1.0, abs=1e-3)
+
+    images = GuidedSampler(prior, SamplerConfig(num_steps=2, seed=0)).sample(3, [0, 1])
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+
+
+SHIPPED = Path(str(resources.files("pipeline").joinpath("priors", "mnist10k")))
+
+
+def test_shipped_prior_is_small_loads_and_samples_digits():
+    from pipeline.model_refs import resolve
+    from pipeline.models import load_prior
+    from pipeline.sampler import GuidedSampler, SamplerConfig
+
+    assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 20 * 1024 * 1024
+    assert (SHIPPED / "TRAINING.md").is_file()
+    prior = load_prior(resolve("builtin:mnist10k"), None)
+    assert (prior.num_classes, prior.null_class_id, prior.image_size) == (10, 10, 32)
+    assert prior.learned_variance and next(prior.transformer.parameters()).dtype == torch.float32
+    images = GuidedSampler(prior, SamplerConfig(num_steps=10, seed=0)).sample(1, [0, 1])
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+    # Digits: a dark background with bright strokes, not noise or a flat image.
+    assert np.median(images) < 40 and images.max() > 200
+
+
+def test_quality_classifier_learns_real_digits_quickly():
+    from pipeline.prior_quality import classify, real_images, train_classifier
+
+    x, y, names = real_images("mnist10k", "train", 32)
+    keep = tp.subset_indices(len(x), 1500, 0)
+    model = train_classifier(x[keep], y[keep], len(names), epochs=2, batch_size=32, seed=0)
+    test_x, test_y, _ = real_images("mnist10k", "test", 32)
+    assert float((classify(model, test_x[:500]) == test_y[:500]).mean()) > 0.85
