@@ -1,0 +1,112 @@
+"""Distances between a real and a synthetic set of feature vectors: Frechet (FID), l2 of the means, MMD.
+
+Pure numpy on (N, D) arrays; the caller chooses the feature extractor (pipeline/features.py) and must name
+it beside every number, since none of these values means anything without it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _as_features(x, name: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty (N, D) array, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} holds non-finite values")
+    return x
+
+
+def gaussian_stats(features) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), covariance (D, D)) with the unbiased (N - 1) normalisation, as the FID reference code.
+
+    A single vector has no spread: its covariance is zero rather than NaN.
+    """
+    x = _as_features(features, "features")
+    mu = x.mean(axis=0)
+    if x.shape[0] < 2:
+        return mu, np.zeros((x.shape[1], x.shape[1]))
+    centred = x - mu
+    return mu, centred.T @ centred / (x.shape[0] - 1)
+
+
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    """Symmetric square root of a (numerically) positive semi-definite matrix; tiny negative eigenvalues
+    from round-off are clipped to zero."""
+    sym = (sigma + sigma.T) / 2
+    w, v = np.linalg.eigh(sym)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)) between two Gaussians.
+
+    Tr((S1 S2)^(1/2)) is computed as the trace of (A S2 A)^(1/2) with A = S1^(1/2): that matrix is
+    symmetric PSD and has the same eigenvalues as S1 S2, so two symmetric eigendecompositions replace the
+    general (and, for rank-deficient covariances of small synthetic sets, unstable) scipy.linalg.sqrtm.
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
+        raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
+    root1 = _psd_sqrt(sigma1)
+    cross = root1 @ sigma2 @ root1
+    w = np.linalg.eigvalsh((cross + cross.T) / 2)
+    tr_sqrt = np.sqrt(np.clip(w, 0, None)).sum()
+    diff = mu1 - mu2
+    value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_sqrt
+    return float(max(value, 0.0))  # round-off can leave -1e-12 for identical sets
+
+
+def fid(real, synthetic) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (FID when the features are
+    Inception-v3 pool features)."""
+    return frechet_distance(*gaussian_stats(real), *gaussian_stats(synthetic))
+
+
+def mean_l2(real, synthetic) -> float:
+    """Euclidean distance between the mean embeddings of the two sets."""
+    a, b = _as_features(real, "real"), _as_features(synthetic, "synthetic")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    return float(np.linalg.norm(a.mean(axis=0) - b.mean(axis=0)))
+
+
+def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
+    return np.clip(d, 0, None)
+
+
+def median_bandwidth(real, synthetic) -> float:
+    """Median pairwise Euclidean distance over the pooled set (distinct pairs, zero distances ignored).
+
+    The usual heuristic: it puts the kernel's length scale where most pairs are, so the kernel neither
+    saturates at 0 nor at 1. Falls back to 1.0 when every point coincides.
+    """
+    pooled = np.concatenate([_as_features(real, "real"), _as_features(synthetic, "synthetic")])
+    d2 = _squared_distances(pooled, pooled)[np.triu_indices(len(pooled), k=1)]
+    d2 = d2[d2 > 0]
+    return float(np.sqrt(np.median(d2))) if d2.size else 1.0
+
+
+def mmd2_rbf(real, synthetic, bandwidth: float | None = None) -> float:
+    """Squared MMD with the kernel k(x, y) = exp(-||x - y||^2 / (2 bandwidth^2)), biased (V-statistic)
+    estimate: >= 0, and exactly 0 for identical sets. ``bandwidth`` None = median heuristic."""
+    a, b = _as_features(real, "real"), _as_features(synthetic, "synthetic")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    h = median_bandwidth(a, b) if bandwidth is None else float(bandwidth)
+    if not h > 0:
+        raise ValueError(f"bandwidth must be positive, got {h}")
+    gamma = 1.0 / (2 * h * h)
+    kaa = np.exp(-gamma * _squared_distances(a, a)).mean()
+    kbb = np.exp(-gamma * _squared_distances(b, b)).mean()
+    kab = np.exp(-gamma * _squared_distances(a, b)).mean()
+    return float(max(kaa + kbb - 2 * kab, 0.0))
+
+
+def distribution_metrics(real, synthetic) -> dict[str, float]:
+    """FID-style Frechet distance, l2 of the means and MMD^2 (median bandwidth), with the bandwidth used."""
+    h = median_bandwidth(real, synthetic)
+    return {"fid": fid(real, synthetic), "mean_l2": mean_l2(real, synthetic),
+            "mmd2": mmd2_rbf(real, synthetic, h), "mmd_bandwidth": h}
