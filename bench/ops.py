@@ -13,7 +13,7 @@
 Data (no real latents ship with the project): a synthetic stand-in shaped like a class of latents, see
 ``latent_like``. Every figure comes from this one run.
 
-    .venv/bin/python bench/ops.py        # about 1-2 minutes on 2 cores
+    .venv/bin/python bench/ops.py        # about 1 minute on 2 idle cores
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))  # before bench/ itself
 import numpy as np  # noqa: E402
 import sklearn  # noqa: E402
 from sklearn.cluster import BisectingKMeans  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from ops.clustering import divisive_kmeans  # noqa: E402
 
@@ -91,13 +92,18 @@ def bench_tangent(D: int = 4096, K: int = 12, dim: int = 3) -> None:
     print(f"    largest principal angle between the two subspaces: {angle:.2e} degrees")
 
 
-def bench_clustering(n: int, leaves: int, modes: int, repeats: int) -> None:
-    X = latent_like(n, modes=modes, seed=n)
+def bench_clustering(X: np.ndarray, leaves: int, modes: int, repeats: int, threads: int | None) -> None:
+    with threadpool_limits(threads):
+        _bench_clustering(X, leaves, modes, repeats, "all" if threads is None else str(threads))
+
+
+def _bench_clustering(X, leaves, modes, repeats, threads) -> None:
+    n = X.shape[0]
     t_ours, (labels, _) = best_time(lambda: divisive_kmeans(X, leaves, seed=0), repeats)
     t_ref, model = best_time(lambda: BisectingKMeans(leaves, bisecting_strategy="biggest_inertia",
                                                      random_state=0).fit(X), repeats)
     sse_ours, sse_ref = partition_sse(X, labels), partition_sse(X, model.labels_)
-    print(f"    {n:6d} x {X.shape[1]} -> {leaves:3d} leaves ({modes} modes): "
+    print(f"    {n:6d} x {X.shape[1]} -> {leaves:3d} leaves ({modes} modes), threads {threads:>3}: "
           f"ours {t_ours:6.3f} s  sklearn {t_ref:6.3f} s  time ratio {t_ours / t_ref:5.2f}   "
           f"SSE ours {sse_ours:.5g}  sklearn {sse_ref:.5g}  SSE ratio {sse_ours / sse_ref:.4f}")
 
@@ -112,8 +118,12 @@ def main() -> None:
         print(f"(a) tangent basis: skipped, {err}")
     print("(b) divisive clustering, synthetic latent-like data (bench/ops.py:latent_like), float32, "
           "wall clock, best of the repeats")
-    bench_clustering(1300, 50, modes=30, repeats=5)
-    bench_clustering(10000, 100, modes=60, repeats=2)
+    # Threads "all" (2 here) is the target; 1 thread as well, because on a busy shared box multi-threaded
+    # BLAS / OpenMP spin-wait and the 2-thread figures of both sides swing by 10x from run to run.
+    for n, leaves, modes, repeats in ((1300, 50, 30, 5), (10000, 100, 60, 2)):
+        X = latent_like(n, modes=modes, seed=n)
+        for threads in (None, 1):
+            bench_clustering(X, leaves, modes, repeats, threads)
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
