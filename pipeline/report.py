@@ -1,0 +1,159 @@
+"""The benchmark's outputs for people: a Markdown table, a bar chart drawn with PIL, a sample grid per set.
+
+matplotlib is not a dependency: the chart is a few rectangles and labels, drawn with PIL.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+PALETTE = [(90, 90, 90), (150, 150, 150), (76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82),
+           (129, 114, 179), (147, 120, 96), (218, 139, 195), (140, 140, 60)]
+
+
+def _cell(stat: dict, digits: int = 1) -> str:
+    if not stat or stat.get("mean") is None:
+        return "-"
+    return f"{stat['mean']:.{digits}f} +- {stat['std']:.{digits}f}"
+
+
+def _rows(results: dict, arch: str) -> dict[tuple[str, int], dict]:
+    return {(r["method"], r["ipc"]): r for r in results["rows"] if r["arch"] == arch}
+
+
+def markdown(results: dict) -> str:
+    """Top-1 tables (final epoch headline, best epoch beside it) for the main methods and the ladder, per
+    architecture, then the distribution metrics with the feature extractor named."""
+    rows = results["rows"]
+    if not rows:
+        return "no finished cells yet\n"
+    archs = results.get("archs") or sorted({r["arch"] for r in rows})
+    ipcs = sorted({r["ipc"] for r in rows})
+    lines = []
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
+    for arch in archs:
+        by = _rows(results, arch)
+        recipe = results.get("recipe", {}).get(arch, arch)
+        lines += [f"### Top-1 on the real test split (%), {recipe}", "",
+                  "Final epoch (headline); [best epoch, as the public code reports it]; mean +- std over seeds "
+                  "(n = seeds that finished).", ""]
+        header = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |"
+        sep = "| --- |" + " --- |" * len(ipcs)
+
+        def line(label, name):
+            cells = []
+            for i in ipcs:
+                r = by.get((name, i))
+                cells.append("not run" if r is None else
+                             f"**{_cell(r['final_top1'])}** [{_cell(r['best_epoch_top1'])}] (n={r['final_top1']['n']})")
+            return f"| {label} | " + " | ".join(cells) + " |"
+
+        main = results.get("main") or []
+        if main:
+            lines += [header, sep] + [line(by_label(results, m), m) for m in main] + [""]
+        ladder = results.get("ladder") or []
+        if ladder:
+            lines += ["Ablation ladder (METHOD.md section 6):", "", header, sep]
+            lines += [line(label, m) for label, m in ladder] + [""]
+    first = archs[0]
+    by = _rows(results, first)
+    if any(r["metrics"]["fid"]["n"] for r in rows):
+        lines += [f"### Distribution metrics vs the real test images (features: {results.get('features')})", "",
+                  "FID-style Frechet distance / l2 of mean embeddings / MMD^2 (RBF, median bandwidth), mean +- std "
+                  "over seeds; lower is closer. Small sets (IPC 1: 10 images) make FID strongly biased upward.", ""]
+        lines += ["| method | " + " | ".join(f"IPC {i}: FID / l2 / MMD^2" for i in ipcs) + " |",
+                  "| --- |" + " --- |" * len(ipcs)]
+        names = list(dict.fromkeys([*(results.get("main") or []), *(m for _, m in results.get("ladder") or [])]))
+        for m in names:
+            cells = []
+            for i in ipcs:
+                r = by.get((m, i))
+                if r is None or not r["metrics"]["fid"]["n"]:
+                    cells.append("-")
+                    continue
+                mt = r["metrics"]
+                cells.append(f"{_cell(mt['fid'], 2)} / {_cell(mt['mean_l2'], 2)} / {_cell(mt['mmd2'], 4)}")
+            lines.append(f"| {by_label(results, m)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def by_label(results: dict, method: str) -> str:
+    for r in results["rows"]:
+        if r["method"] == method:
+            return r["label"]
+    return method
+
+
+def _font(size: int):
+    from PIL import ImageFont  # noqa: PLC0415
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # older Pillow: a fixed bitmap font
+        return ImageFont.load_default()
+
+
+def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None:
+    """Grouped bars: one group per IPC, one bar per method (final-epoch top-1), error bars = std."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    arch = arch or (results.get("archs") or [None])[0]
+    by = _rows(results, arch)
+    if not by:
+        return None
+    ipcs = sorted({i for _, i in by})
+    order = list(dict.fromkeys([*(results.get("main") or []), *(m for _, m in results.get("ladder") or [])]))
+    methods = [m for m in order if any((m, i) in by for i in ipcs)]
+    bar_w, gap, left, top, bottom, plot_h = 22, 30, 70, 50, 40, 360
+    legend_h = 22 * len(methods) + 10
+    width = left + len(ipcs) * (len(methods) * bar_w + gap) + gap + 20
+    height = top + plot_h + bottom + legend_h
+    img = Image.new("RGB", (max(width, 640), height), "white")
+    draw = ImageDraw.Draw(img)
+    f_small, f_title = _font(12), _font(15)
+    draw.text((left, 12), f"Top-1 on real test (%), final epoch, {arch}; error bar = std over seeds",
+              fill="black", font=f_title)
+    y0 = top + plot_h
+
+    def ypos(v):
+        return y0 - plot_h * v / 100
+
+    for tick in range(0, 101, 20):
+        y = ypos(tick)
+        draw.line([(left, y), (img.width - 10, y)], fill=(225, 225, 225))
+        draw.text((left - 30, y - 7), f"{tick}", fill="black", font=f_small)
+    draw.line([(left, top), (left, y0)], fill="black")
+    draw.line([(left, y0), (img.width - 10, y0)], fill="black")
+    for gi, ipc in enumerate(ipcs):
+        gx = left + gap + gi * (len(methods) * bar_w + gap)
+        for mi, m in enumerate(methods):
+            r = by.get((m, ipc))
+            if r is None or r["final_top1"]["mean"] is None:
+                continue
+            mean, std = r["final_top1"]["mean"], r["final_top1"]["std"]
+            x = gx + mi * bar_w
+            draw.rectangle([x + 2, ypos(mean), x + bar_w - 2, y0], fill=PALETTE[mi % len(PALETTE)])
+            cx = x + bar_w / 2
+            draw.line([(cx, ypos(min(100, mean + std))), (cx, ypos(max(0, mean - std)))], fill="black", width=1)
+            for yv in (min(100, mean + std), max(0, mean - std)):
+                draw.line([(cx - 4, ypos(yv)), (cx + 4, ypos(yv))], fill="black")
+        draw.text((gx + len(methods) * bar_w / 2 - 18, y0 + 8), f"IPC {ipc}", fill="black", font=f_small)
+    ly = y0 + bottom
+    for mi, m in enumerate(methods):
+        draw.rectangle([left, ly + 22 * mi, left + 14, ly + 22 * mi + 14], fill=PALETTE[mi % len(PALETTE)])
+        draw.text((left + 22, ly + 22 * mi), by_label(results, m), fill="black", font=f_small)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+def sample_grid(set_dir: Path, path: Path) -> Path | None:
+    """One row per class, every image of the set (demo's contact sheet, 3x, pixel-exact)."""
+    from pipeline.demo import contact_sheet  # noqa: PLC0415
+
+    root = set_dir / "train"
+    if not root.is_dir():
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return contact_sheet(root, path)
