@@ -1,0 +1,279 @@
+"""Students, feature extractors, `manifoldgd evaluate` and `manifoldgd benchmark` (tiny models, 2 classes)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline import students
+from pipeline.students import (
+    StudentRecipe,
+    build_model,
+    colour_jitter,
+    cutmix,
+    fit,
+    paper_epochs,
+    random_resized_crop,
+    recipe_for,
+)
+
+
+# ------------------------------------------------------------------------------------------ students
+@pytest.mark.parametrize("arch", ["convnet", "convnet-2", "resnetap10", "resnet18"])
+@pytest.mark.parametrize("size", [16, 96])
+def test_architectures_shapes_and_instance_norm(arch, size):
+    model = build_model(arch, 7, 3, size, width=8)
+    x = torch.randn(2, 3, size, size)
+    assert model(x).shape == (2, 7)
+    assert model.embed(x).shape[0] == 2
+    norms = [m for m in model.modules() if isinstance(m, (nn.GroupNorm, nn.BatchNorm2d))]
+    assert norms and all(isinstance(m, nn.GroupNorm) and m.num_groups == m.num_channels for m in norms)
+
+
+def test_resnetap_downsamples_by_pooling_resnet18_by_stride():
+    ap, r18 = build_model("resnetap10", 10, 3, 32, width=8), build_model("resnet18", 10, 3, 32, width=8)
+    strided = lambda m: [c for c in m.modules() if isinstance(c, nn.Conv2d) and c.stride != (1, 1)]  # noqa: E731
+    assert not strided(ap) and any(isinstance(c, nn.AvgPool2d) for c in ap.modules())
+    assert len(strided(r18)) == 6  # 3 stages x (main conv + shortcut)
+    blocks = lambda m: sum(isinstance(c, students.BasicBlock) for c in m.modules())  # noqa: E731
+    assert blocks(ap) == 4 and blocks(r18) == 8
+
+
+def test_convnet_depth_follows_image_size():
+    assert students.convnet_depth(32) == 3 and students.convnet_depth(256) == 6
+    assert sum(isinstance(m, nn.Conv2d) for m in build_model("convnet", 10, 3, 128).modules()) == 5
+    with pytest.raises(ValueError):
+        build_model("vgg11", 10)
+
+
+def test_recipes():
+    assert [paper_epochs(i) for i in (1, 10, 11, 50, 51, 200)] == [2000, 2000, 1500, 1500, 1000, 1000]
+    paper = recipe_for("paper", 10, 100)
+    assert (paper.epochs, paper.cutmix_prob, paper.cutmix_beta, paper.crop_scale, paper.jitter, paper.hflip) == \
+        (2000, 1.0, 1.0, 0.5, 0.4, True)
+    fast = recipe_for("fast", 10, 100, fast_steps=300)
+    steps_per_epoch = 2  # 100 images, batch 64
+    assert fast.epochs * steps_per_epoch >= 300 > (fast.epochs - 1) * steps_per_epoch
+    assert recipe_for("fast", 1, 10, fast_steps=10**6).epochs == 2000  # never beyond the published epochs
+    assert recipe_for("paper", 50, 500, arch="resnet18", hflip=False).hflip is False
+    with pytest.raises(ValueError):
+        recipe_for("paper", 10, 100, no_such_knob=1)
+    with pytest.raises(ValueError):
+        recipe_for("slow", 10, 100)
+
+
+def test_full_crop_is_identity_and_jitter_zero_is_identity():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 3, 8, 8) * 2 - 1
+    same = random_resized_crop(x, 1.0, gen, ratio=(1.0, 1.0))
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(colour_jitter(x, 0.0, gen), x, atol=1e-6, rtol=0)
+    crop = random_resized_crop(x, 0.5, gen)
+    assert crop.shape == x.shape and not torch.allclose(crop, x)
+
+
+def test_cutmix_label_weight_is_the_kept_area():
+    rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    x = torch.arange(8, dtype=torch.float32)[:, None, None, None].expand(8, 3, 16, 16).clone()
+    y = torch.arange(8)
+    for _ in range(20):
+        mixed, ya, yb, lam = cutmix(x, y, 1.0, rng, gen)
+        kept = (mixed[:, 0] == x[:, 0]).float().mean(dim=(1, 2))
+        moved = yb != ya
+        torch.testing.assert_close(kept[moved], torch.full_like(kept[moved], lam))
+        assert torch.equal(ya, y)
+
+
+def test_fit_learns_a_separable_task_and_reports_final_and_best():
+    rng = np.random.default_rng(0)
+    images = np.zeros((20, 16, 16, 3), np.uint8)
+    labels = np.arange(20) % 2
+    images[labels == 0, ..., 0] = 220
+    images[labels == 1, ..., 2] = 220
+    images = np.clip(images + rng.normal(0, 20, images.shape), 0, 255).astype(np.uint8)
+    recipe = StudentRecipe(epochs=15, width=8, lr=0.05, eval_points=3, cutmix_prob=1.0, jitter=0.2)
+    res = fit(images, labels, 2, recipe, seed=0, test=(images[::-1], labels[::-1]))
+    assert [e for e, _ in res.curve] == [5, 10, 15]
+    assert res.final_top1 == res.curve[-1][1] == 1.0
+    assert res.best_top1 >= res.final_top1
+    again = fit(images, labels, 2, recipe, seed=0, test=(images[::-1], labels[::-1]))
+    assert again.curve == res.curve  # seeded: the same run twice
+
+
+# ------------------------------------------------------------------------------------------ features
+def test_shipped_mnist10k_features_are_named_and_separate_classes():
+    from pipeline.datasets import load_builtin
+    from pipeline.demo import as_model_images
+    from pipeline.features import load_extractor
+
+    ex = load_extractor("mnist10k")
+    assert "mnist10k train split" in ex.name and "%" in ex.name
+    x, y, _ = load_builtin("mnist10k", "test")
+    x, y = as_model_images(x[::10], 32), y[::10]
+    f = ex(x)
+    assert f.shape == (len(x), 1024) and np.isfinite(f).all()
+    # nearest class mean in feature space: a feature that ignores the digit would sit near 10%
+    means = np.stack([f[y == c].mean(0) for c in range(10)])
+    pred = ((f[:, None] - means[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == y).mean() > 0.85
+
+
+def test_missing_weights_fail_clearly(tmp_path, monkeypatch):
+    from pipeline import features
+
+    monkeypatch.setattr(features, "HUB_CHECKPOINTS", tmp_path)
+    monkeypatch.delenv("MANIFOLDGD_INCEPTION", raising=False)
+    for spec, filename in (("inception-v3", features.INCEPTION_FILE), ("resnet18", features.RESNET18_FILE)):
+        with pytest.raises(features.FeatureLoadError, match=filename):
+            features.load_extractor(spec)
+    with pytest.raises(features.FeatureLoadError, match="unknown"):
+        features.load_extractor("vgg")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(features.FeatureLoadError, match="cannot load"):
+        features.load_extractor(f"resnet18:{bad}")
+
+
+def test_resnet18_loads_a_torchvision_layout_state_dict(tmp_path):
+    from pipeline.features import load_extractor
+    from pipeline.students import ResNet
+
+    ref = ResNet((2, 2, 2, 2), 1000, 64, 3, 224, norm="batch").eval()
+    path = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), path)
+    ex = load_extractor(f"resnet18:{path}")
+    images = np.random.default_rng(0).integers(0, 255, (2, 40, 40, 3), dtype=np.uint8)
+    f = ex(images)
+    assert f.shape == (2, 512) and "resnet18" in ex.name
+    assert {"conv1.weight", "layer4.1.bn2.running_var", "fc.weight"} <= set(ref.state_dict())  # torchvision names
+
+
+class _TinyInception(nn.Module):
+    def forward(self, x, return_features: bool = False):
+        return x.float().mean(dim=(2, 3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit: the reference Inception is TorchScript
+def test_inception_torchscript_path(tmp_path):
+    from pipeline.features import load_extractor
+
+    path = tmp_path / "inception.pt"
+    torch.jit.save(torch.jit.script(_TinyInception()), str(path))
+    ex = load_extractor(f"inception-v3:{path}")
+    images = np.full((3, 10, 10, 3), 7, np.uint8)
+    np.testing.assert_allclose(ex(images), 7.0)
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def _folders(tmp_path: Path):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "distilled", {"a": 3, "b": 3}, size=16, seed=0)
+    write_image_folder(tmp_path / "real", {"a": 5, "b": 5, "c": 2}, size=16, seed=1)
+    return tmp_path / "distilled", tmp_path / "real"
+
+
+def test_evaluate_command_writes_mean_and_std_over_seeds(tmp_path, ray_session):
+    from pipeline.cli import main
+
+    distilled, real = _folders(tmp_path)
+    out = tmp_path / "eval.json"
+    code = main(["evaluate", "--distilled", str(distilled), "--test", str(real / "train"), "--seeds", "2", "--profile", "fast",
+                 "--fast-steps", "3", "--student", "width=8", "--arch", "convnet,resnetap10", "--features", "mnist10k",
+                 "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["n_distilled"] == 6 and report["n_test"] == 10  # class c of the test folder is not distilled
+    for arch in ("convnet", "resnetap10"):
+        r = report["results"][arch]
+        finals = np.array([s["final_top1"] for s in r["seeds"]]) * 100
+        assert [s["seed"] for s in r["seeds"]] == [0, 1]
+        assert r["final_top1"]["mean"] == pytest.approx(finals.mean(), abs=0.01)
+        assert r["final_top1"]["std"] == pytest.approx(finals.std(), abs=0.01)
+        assert all(s["best_top1"] >= s["final_top1"] for s in r["seeds"])
+    assert "mnist10k train split" in report["metrics"]["features"] and report["metrics"]["fid"] >= 0
+
+
+def test_evaluate_rejects_a_test_set_without_the_classes(tmp_path):
+    from conftest import write_image_folder
+
+    from pipeline.cli import main
+
+    distilled, _ = _folders(tmp_path)
+    write_image_folder(tmp_path / "other", {"x": 2}, size=16)
+    assert main(["evaluate", "--distilled", str(distilled), "--test", str(tmp_path / "other")]) == 2
+    assert main(["evaluate", "--distilled", str(tmp_path / "nowhere"), "--test", "mnist10k"]) == 2
+
+
+# --------------------------------------------------------------------------------------- benchmark
+def test_parse_methods():
+    from pipeline.benchmark import parse_methods
+
+    assert parse_methods("random,kmeans_real") == ["random", "kmeans_real", "mgd3"]
+    assert parse_methods("ladder") == ["mgd3", "divisive", "levelwise", "manifold", "manifoldgd"]
+    with pytest.raises(ValueError):
+        parse_methods("nope")
+
+
+def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
+    from conftest import write_image_folder
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.preprocess import decode_image
+
+    data = write_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=16, seed=0)
+    write_image_folder(tmp_path / "test", {"a": 4, "b": 4}, size=16, seed=1)
+    out = tmp_path / "bench"
+    argv = ["benchmark", "--data", str(data), "--test", str(tmp_path / "test" / "train"), "--model", str(tiny_prior),
+            "--vae", "", "--out", str(out), "--ipc", "2", "--seeds", "1", "--methods", "random,kmeans_real",
+            "--profile", "fast", "--fast-steps", "2", "--student", "width=4", "--features", "mnist10k",
+            "--set", "sampler.num_steps=3", "--set", "sampler.t_stop=1", "--set", "runtime.progress=false"]
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"random", "kmeans_real", "mgd3"}
+    assert all(r["final_top1"]["n"] == 1 and r["metrics"]["fid"]["n"] == 1 for r in rows.values())
+    assert "mnist10k train split" in results["features"]
+    table = (out / "table.md").read_text()
+    assert "Random real" in table and "MGD3" in table and results["features"] in table
+    assert Image.open(out / "chart.png").size[0] >= 640
+    assert sorted(p.name for p in (out / "samples").iterdir()) == \
+        ["kmeans_real_ipc2.png", "mgd3_ipc2.png", "random_ipc2.png"]
+    # the k-means baseline holds real training images, distinct, IPC per class
+    real = {c: [decode_image(p.read_bytes(), 16)[0] for p in sorted((data / "train" / c).glob("*.png"))]
+            for c in ("a", "b")}
+    selection = json.loads((out / "real" / "kmeans_real" / "ipc2_seed0" / "selection.json").read_text())
+    for c, ids in selection.items():
+        assert len(set(ids)) == 2
+        for k in range(2):
+            png = np.asarray(Image.open(out / "real" / "kmeans_real" / "ipc2_seed0" / "train" / c / f"{c}_{k:04d}.png"))
+            assert any(np.array_equal(png, im) for im in real[c])
+    # a rerun resumes: every cell is skipped and left as it was
+    cells = sorted((out / "cells").rglob("*.json"))
+    stamps = [p.stat().st_mtime_ns for p in cells]
+    assert main(argv) == 0
+    assert [p.stat().st_mtime_ns for p in cells] == stamps
+    # another student setting is a different cell: it is trained, not reused
+    assert main([*argv, "--student", "lr=0.02"]) == 0
+    assert any(p.stat().st_mtime_ns != s for p, s in zip(cells, stamps))
+
+
+def test_report_marks_missing_cells(tmp_path):
+    from pipeline import report
+
+    stat = {"mean": 50.0, "std": 1.0, "n": 2}
+    none = {"mean": None, "std": None, "n": 0}
+    results = {"rows": [{"method": "random", "label": "Random real", "ipc": 1, "arch": "convnet",
+                         "final_top1": stat, "best_epoch_top1": stat,
+                         "metrics": {"fid": none, "mean_l2": none, "mmd2": none}}],
+               "main": ["random", "manifoldgd"], "ladder": [], "archs": ["convnet"]}
+    results["rows"].append({**results["rows"][0], "ipc": 10})
+    results["rows"].append({**results["rows"][0], "method": "manifoldgd", "label": "ManifoldGD"})
+    text = report.markdown(results)
+    assert "**50.0 +- 1.0**" in text and "not run" in text
+    assert report.bar_chart(results, tmp_path / "c.png").exists()
