@@ -71,17 +71,37 @@ LADDER = (("k-means", "mgd3"), ("divisive", "divisive"), ("divisive level-wise",
 ALIASES = {"ladder": [m for _, m in LADDER], "main": list(MAIN), "all": list(METHODS)}
 
 
-def parse_methods(spec: str) -> list[str]:
+def parse_variants(items: list[str]) -> dict[str, Method]:
+    """``NAME=BASE:key=value,key=value`` -> a generative method like BASE with extra distill settings: a
+    knob sweep in the same folder, with the same students and seeds as the baselines."""
+    out = {}
+    for item in items:
+        name, sep, rest = item.partition("=")
+        base, sep2, sets = rest.partition(":")
+        if not (sep and sep2 and name.isidentifier()) or base not in METHODS or METHODS[base].kind != "distill":
+            raise ValueError(f"--variant {item!r}: expected NAME=BASE:key=value[,key=value] with BASE one of "
+                             f"{', '.join(n for n, m in METHODS.items() if m.kind == 'distill')}")
+        if name in METHODS:
+            raise ValueError(f"--variant {item!r}: {name} is a built-in method name")
+        extra = tuple(x.strip() for x in sets.split(",") if x.strip())
+        b = METHODS[base]
+        out[name] = Method(name, f"{b.label} [{', '.join(extra)}]", "distill", b.guidance, b.cluster, b.sets + extra)
+    return out
+
+
+def parse_methods(spec: str, table: dict[str, Method] | None = None) -> list[str]:
+    table = table or METHODS
     out: list[str] = []
     for item in (s.strip() for s in spec.split(",") if s.strip()):
         names = ALIASES.get(item, [item])
         for n in names:
-            if n not in METHODS:
+            if n not in table:
                 raise ValueError(f"unknown method {n!r}; methods: {', '.join(METHODS)}; groups: {', '.join(ALIASES)}")
             if n not in out:
                 out.append(n)
     if "kmeans_real" in out and "mgd3" not in out:
         out.append("mgd3")  # its k-means centroids come from the MGD3 run's plan
+    out += [n for n in table if n not in METHODS and n not in out]  # every variant given runs
     return out
 
 
@@ -251,7 +271,8 @@ def run_benchmark(args) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    methods = parse_methods(args.methods)
+    table = {**METHODS, **parse_variants(args.variant)}
+    methods = parse_methods(args.methods, table)
     ipcs = [int(x) for x in str(args.ipc).split(",") if x.strip()]
     seeds = list(range(args.seeds))
     archs = [a.strip() for a in args.arch.split(",") if a.strip()]
@@ -265,13 +286,13 @@ def run_benchmark(args) -> dict:
     timings: dict[str, float] = {}
 
     # 1. the sets: distill runs, then the real baselines (k-means-nearest needs the MGD3 run's plan)
-    done_dirs = [set_dir(out, METHODS[m], i, s) for m in methods for i in ipcs for s in seeds
-                 if METHODS[m].kind == "distill"]
+    done_dirs = [set_dir(out, table[m], i, s) for m in methods for i in ipcs for s in seeds
+                 if table[m].kind == "distill"]
     done_dirs = [d for d in done_dirs if (d / "_work" / "latents" / "_DONE").exists()]
     for ipc in ipcs:
         for seed in seeds:
             for name in methods:
-                m = METHODS[name]
+                m = table[name]
                 if m.kind != "distill":
                     continue
                 d = set_dir(out, m, ipc, seed)
@@ -279,19 +300,19 @@ def run_benchmark(args) -> dict:
                     continue
                 log(f"distill {name} IPC {ipc} seed {seed}")
                 timings[f"distill/{name}/ipc{ipc}_seed{seed}"] = round(run_distill(args, m, ipc, seed, d, done_dirs), 1)
-    size = _image_size(out, methods, ipcs, seeds, args)
+    size = _image_size(out, [table[m] for m in methods], ipcs, seeds, args)
     pool = None
     for name in ("random", "kmeans_real"):
         if name not in methods:
             continue
         for ipc in ipcs:
             for seed in seeds:
-                d = set_dir(out, METHODS[name], ipc, seed)
+                d = set_dir(out, table[name], ipc, seed)
                 if (d / "_SUCCESS").exists():
                     continue
                 pool = pool or RealPool(args.data, size)
                 sel = (random_ids(pool, ipc, seed) if name == "random" else
-                       kmeans_nearest_ids(set_dir(out, METHODS["mgd3"], ipc, seed), pool.classes))
+                       kmeans_nearest_ids(set_dir(out, table["mgd3"], ipc, seed), pool.classes))
                 write_real_set(pool, sel, d)
 
     # 2. students and metrics, one cell per (method, IPC, seed, architecture)
@@ -302,7 +323,7 @@ def run_benchmark(args) -> dict:
     for name in methods:
         for ipc in ipcs:
             for seed in seeds:
-                d = set_dir(out, METHODS[name], ipc, seed)
+                d = set_dir(out, table[name], ipc, seed)
                 images, labels, classes = load_distilled(d)
                 if test_x is None:
                     test_x, test_y = load_test(test_spec, classes, images.shape[1])
@@ -326,7 +347,7 @@ def run_benchmark(args) -> dict:
         ipc, seed = int(ipc), int(seed)
         cell = {"method": name, "ipc": ipc, "seed": seed, "arch": arch, "eval_key": key, "recipe": job.recipe,
                 "student": result, "metrics": metrics.get((name, ipc, seed), {}),
-                "n_images": int(len(job.labels)), "distill_seconds": _distill_seconds(out, METHODS[name], ipc, seed)}
+                "n_images": int(len(job.labels)), "distill_seconds": _distill_seconds(out, table[name], ipc, seed)}
         atomic_write_json(cell_path(out, name, ipc, seed, arch), cell)
         log(f"{name} IPC {ipc} seed {seed} {arch}: final top-1 {100 * result['final_top1']:.1f}% "
             f"(best epoch {100 * result['best_top1']:.1f}%), {result['seconds']:.0f}s")
@@ -338,7 +359,7 @@ def run_benchmark(args) -> dict:
     # 3. the report
     from pipeline import report  # noqa: PLC0415
 
-    results = collect(out, methods, ipcs, seeds, archs)
+    results = collect(out, methods, ipcs, seeds, archs, table)
     results.update({"data": args.data, "test": test_spec, "profile": args.profile, "archs": archs,
                     "recipe": {a: recipe_for(args.profile, max(ipcs), 10 * max(ipcs), fast_steps=args.fast_steps,
                                              **{**overrides, "arch": a}).describe() for a in archs},
@@ -350,14 +371,14 @@ def run_benchmark(args) -> dict:
     (out / "samples").mkdir(exist_ok=True)
     for name in methods:
         for ipc in ipcs:
-            report.sample_grid(set_dir(out, METHODS[name], ipc, 0), out / "samples" / f"{name}_ipc{ipc}.png")
+            report.sample_grid(set_dir(out, table[name], ipc, 0), out / "samples" / f"{name}_ipc{ipc}.png")
     return results
 
 
-def _image_size(out: Path, methods, ipcs, seeds, args) -> int:
-    for name in methods:
-        if METHODS[name].kind == "distill":
-            images, _, _ = load_distilled(set_dir(out, METHODS[name], ipcs[0], seeds[0]))
+def _image_size(out: Path, methods: list[Method], ipcs, seeds, args) -> int:
+    for m in methods:
+        if m.kind == "distill":
+            images, _, _ = load_distilled(set_dir(out, m, ipcs[0], seeds[0]))
             return int(images.shape[1])
     from pipeline.distill import resolve_config  # noqa: PLC0415
     from pipeline.model_refs import prior_info  # noqa: PLC0415
@@ -375,8 +396,9 @@ def _distill_seconds(out: Path, method: Method, ipc: int, seed: int) -> float | 
     return round(float(timings.get("total", 0.0)), 1)
 
 
-def collect(out: Path, methods, ipcs, seeds, archs) -> dict:
+def collect(out: Path, methods, ipcs, seeds, archs, table: dict[str, Method] | None = None) -> dict:
     """Aggregate the finished cells: mean +- std over seeds per (method, IPC, architecture)."""
+    table = table or METHODS
     rows = []
     for name in methods:
         for ipc in ipcs:
@@ -386,13 +408,15 @@ def collect(out: Path, methods, ipcs, seeds, archs) -> dict:
                 if not cells:
                     continue
                 metric_names = ("fid", "mean_l2", "mmd2")
-                row = {"method": name, "label": METHODS[name].label, "ipc": ipc, "arch": arch,
+                row = {"method": name, "label": table[name].label, "ipc": ipc, "arch": arch,
                        "seeds": [c["seed"] for c in cells], **summarise([c["student"] for c in cells]),
                        "metrics": {k: _mean_std_raw([c["metrics"].get(k) for c in cells]) for k in metric_names},
                        "distill_seconds": _mean_std_raw([c.get("distill_seconds") for c in cells])}
                 rows.append(row)
     return {"rows": rows, "main": [m for m in MAIN if m in methods],
-            "ladder": [(label, m) for label, m in LADDER if m in methods]}
+            "ladder": [(label, m) for label, m in LADDER if m in methods],
+            "variants": [m for m in methods if m not in METHODS],
+            "variant_settings": {m: list(table[m].sets) for m in methods if m not in METHODS}}
 
 
 def _mean_std_raw(values) -> dict:
@@ -412,6 +436,7 @@ def command_line(args) -> str:
     parts += [f"--model {args.model}"] if args.model is not None else []
     parts += [f"--vae '{args.vae}'"] if args.vae is not None else []
     parts += [f"--set {s}" for s in args.set] + [f"--student {s}" for s in args.student]
+    parts += [f"--variant {v}" for v in args.variant]
     return " ".join(parts)
 
 
@@ -450,6 +475,9 @@ def register(sub) -> None:
     p.add_argument("--vae", help="VAE hub id or folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a distill setting applied to every generative method (theirs win)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=BASE:KEY=VALUE[,KEY=VALUE]",
+                   help="an extra generative method: BASE plus distill settings, e.g. "
+                   "lam03=manifoldgd:sampler.guidance_scale=0.3 (repeatable; a recorded knob sweep)")
     p.add_argument("--no-share-latents", dest="share_latents", action="store_false",
                    help="encode the training set again in every distill folder")
     add_student_arguments(p)

@@ -55,6 +55,10 @@ def markdown(results: dict) -> str:
         if ladder:
             lines += ["Ablation ladder (METHOD.md section 6):", "", header, sep]
             lines += [line(label, m) for label, m in ladder] + [""]
+        variants = results.get("variants") or []
+        if variants:
+            lines += ["Variants (a recorded knob sweep; settings on top of the named base method):", "", header, sep]
+            lines += [line(by_label(results, m), m) for m in variants] + [""]
     first = archs[0]
     by = _rows(results, first)
     if any(r["metrics"]["fid"]["n"] for r in rows):
@@ -63,7 +67,7 @@ def markdown(results: dict) -> str:
                   "over seeds; lower is closer. Small sets (IPC 1: 10 images) make FID strongly biased upward.", ""]
         lines += ["| method | " + " | ".join(f"IPC {i}: FID / l2 / MMD^2" for i in ipcs) + " |",
                   "| --- |" + " --- |" * len(ipcs)]
-        names = list(dict.fromkeys([*(results.get("main") or []), *(m for _, m in results.get("ladder") or [])]))
+        names = _order(results)
         for m in names:
             cells = []
             for i in ipcs:
@@ -76,6 +80,12 @@ def markdown(results: dict) -> str:
             lines.append(f"| {by_label(results, m)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _order(results: dict) -> list[str]:
+    """Main methods, then the ladder's extra steps, then the variants."""
+    return list(dict.fromkeys([*(results.get("main") or []), *(m for _, m in results.get("ladder") or []),
+                               *(results.get("variants") or [])]))
 
 
 def by_label(results: dict, method: str) -> str:
@@ -103,8 +113,7 @@ def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None
     if not by:
         return None
     ipcs = sorted({i for _, i in by})
-    order = list(dict.fromkeys([*(results.get("main") or []), *(m for _, m in results.get("ladder") or [])]))
-    methods = [m for m in order if any((m, i) in by for i in ipcs)]
+    methods = [m for m in _order(results) if any((m, i) in by for i in ipcs)]
     bar_w, gap, left, top, bottom, plot_h = 22, 30, 70, 50, 40, 360
     legend_h = 22 * len(methods) + 10
     width = left + len(ipcs) * (len(methods) * bar_w + gap) + gap + 20

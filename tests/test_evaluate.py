@@ -210,13 +210,21 @@ def test_evaluate_rejects_a_test_set_without_the_classes(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- benchmark
-def test_parse_methods():
-    from pipeline.benchmark import parse_methods
+def test_parse_methods_and_variants():
+    from pipeline.benchmark import METHODS, parse_methods, parse_variants
 
     assert parse_methods("random,kmeans_real") == ["random", "kmeans_real", "mgd3"]
     assert parse_methods("ladder") == ["mgd3", "divisive", "levelwise", "manifold", "manifoldgd"]
     with pytest.raises(ValueError):
         parse_methods("nope")
+    variants = parse_variants(["lam03=manifold:sampler.guidance_scale=0.3,tangent.dim=8"])
+    v = variants["lam03"]
+    assert (v.guidance, v.cluster) == ("manifold", "divisive")
+    assert v.sets == ("tangent.max_multiplier=1", "sampler.guidance_scale=0.3", "tangent.dim=8")
+    assert parse_methods("dit", {**METHODS, **variants}) == ["dit", "lam03"]
+    for bad in ("x=random:a=1", "x=nothing:a=1", "dit=mgd3:a=1", "x=mgd3"):
+        with pytest.raises(ValueError):
+            parse_variants([bad])
 
 
 def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
