@@ -183,7 +183,8 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
     ds = ds.map_batches(functools.partial(decode_batch, image_size=image_size, hflip=cfg.data.hflip,
                                           seed=cfg.seed), batch_format="numpy", batch_size=64)
     ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
-                                                            "threads": 0 if use_gpu else 1},
+                                                            "threads": 0 if use_gpu else 1,
+                                                            "micro_batch": cfg.runtime.encode_batch_size},
                         batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5)

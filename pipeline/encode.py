@@ -55,7 +55,7 @@ def encode_pixels(vae, pixels: np.ndarray, device, dtype):
 class VAEEncoder:
     """Ray Data actor: loads the VAE once, encodes the rows that decoded."""
 
-    def __init__(self, model: dict, threads: int = 0):
+    def __init__(self, model: dict, threads: int = 0, micro_batch: int = 64):
         import torch  # noqa: PLC0415
 
         from pipeline.config import ModelConfig  # noqa: PLC0415
@@ -65,19 +65,38 @@ class VAEEncoder:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.vae, self.dtype = load_vae(ModelConfig(**model), self.device)
+        self.micro_batch = micro_batch
 
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
         n = len(ok)
         latents = None
         if ok.any():
-            enc = encode_pixels(self.vae, batch["pixels"][ok], self.device, self.dtype)
+            enc = self._encode_padded(batch["pixels"][ok])
             latents = np.zeros((n, enc.shape[1]), dtype=np.float32)
             latents[ok] = enc
         else:  # every row failed: keep the width so the parquet schema stays one tensor shape
             latents = np.zeros((n, 1), dtype=np.float32)
         return {"id": batch["id"], "class_name": batch["class_name"], "label": batch["label"],
                 "latent": list(latents), "error": batch["error"]}
+
+    def _encode_padded(self, pixels: np.ndarray) -> np.ndarray:
+        """Encode in model calls of exactly ``micro_batch`` rows, zero-padding the last one.
+
+        Kernels are chosen by tensor shape, so a fixed shape makes each image's latent independent of
+        which other images Ray Data happened to batch it with: two runs give the same bytes.
+        """
+        out = []
+        for i in range(0, len(pixels), self.micro_batch):
+            chunk = pixels[i:i + self.micro_batch]
+            enc = encode_pixels(self.vae, _pad_rows(chunk, self.micro_batch), self.device, self.dtype)
+            out.append(enc[: len(chunk)])
+        return np.concatenate(out)
+
+
+def _pad_rows(pixels: np.ndarray, rows: int) -> np.ndarray:
+    pad = np.zeros((rows - len(pixels), *pixels.shape[1:]), dtype=pixels.dtype)
+    return np.concatenate([pixels, pad])
 
 
 def pool_size(requested: int, use_gpu: bool) -> tuple[int, int]:

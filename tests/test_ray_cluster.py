@@ -68,16 +68,24 @@ def test_ray_job_submit(tmp_path, tiny_prior):
     env = _env()
     # `ray start --block` in its own process group: stopping it ends this cluster only (`ray stop` would
     # end every Ray process on the machine, other users' included).
-    head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+    # Every port of its own: another Ray on this machine (a user's, a test's) holds the defaults.
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", *ports,
                              "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats",
                              f"--temp-dir={tempfile.mkdtemp(prefix='rayjob', dir='/tmp')}"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_dashboard(dash, head)
-        job = subprocess.run(
-            [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--", str(BIN / "manifoldgd"), *_distill_args(data, out, tiny_prior)],
-            env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(20):  # the job agent comes up some seconds after the dashboard
+            job = subprocess.run(
+                [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                 "--", str(BIN / "manifoldgd"), *_distill_args(data, out, tiny_prior)],
+                env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower()
     finally:
