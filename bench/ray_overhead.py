@@ -1,6 +1,6 @@
 """End-to-end Ray run vs the same stages called in one process, on the same small input.
 
-    .venv/bin/python bench/pipeline.py [--classes 4 --per-class 40 --ipc 4 --steps 10]
+    .venv/bin/python bench/ray_overhead.py [--classes 4 --per-class 40 --ipc 4 --steps 10]
 
 Prints wall time of each and their ratio (Ray start-up excluded: Ray is initialised before timing), then
 VAE-encode throughput with 1 and 2 encode actors. Uses a tiny random prior and generated images, so it
