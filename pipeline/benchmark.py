@@ -282,8 +282,10 @@ def run_benchmark(args) -> dict:
         extractor = resolve_features(args.features, test_spec)
     except FeatureLoadError as exc:
         raise ValueError(str(exc)) from None
-    init_ray()
     timings: dict[str, float] = {}
+    if args.report_only:
+        return write_report(args, out, table, methods, ipcs, seeds, archs, overrides, extractor, timings)
+    init_ray()
 
     # 1. the sets: distill runs, then the real baselines (k-means-nearest needs the MGD3 run's plan)
     done_dirs = [set_dir(out, table[m], i, s) for m in methods for i in ipcs for s in seeds
@@ -347,7 +349,7 @@ def run_benchmark(args) -> dict:
         ipc, seed = int(ipc), int(seed)
         cell = {"method": name, "ipc": ipc, "seed": seed, "arch": arch, "eval_key": key, "recipe": job.recipe,
                 "student": result, "metrics": metrics.get((name, ipc, seed), {}),
-                "n_images": int(len(job.labels)), "distill_seconds": _distill_seconds(out, table[name], ipc, seed)}
+                "n_images": int(len(job.labels)), "command": args.command_line, "distill_seconds": _distill_seconds(out, table[name], ipc, seed)}
         atomic_write_json(cell_path(out, name, ipc, seed, arch), cell)
         log(f"{name} IPC {ipc} seed {seed} {arch}: final top-1 {100 * result['final_top1']:.1f}% "
             f"(best epoch {100 * result['best_top1']:.1f}%), {result['seconds']:.0f}s")
@@ -356,9 +358,15 @@ def run_benchmark(args) -> dict:
     run_student_jobs(jobs, (test_x, test_y), done, args.workers)
     timings["students"] = round(time.perf_counter() - t, 1)
 
-    # 3. the report
-    from pipeline import report  # noqa: PLC0415
+    return write_report(args, out, table, methods, ipcs, seeds, archs, overrides, extractor, timings)
 
+
+def write_report(args, out: Path, table, methods, ipcs, seeds, archs, overrides, extractor, timings) -> dict:
+    """results.json, table.md, chart.png and the sample grids, from the cells that exist."""
+    from pipeline import report  # noqa: PLC0415
+    from pipeline.students import recipe_for  # noqa: PLC0415
+
+    test_spec = args.test or args.data
     results = collect(out, methods, ipcs, seeds, archs, table)
     results.update({"data": args.data, "test": test_spec, "profile": args.profile, "archs": archs,
                     "recipe": {a: recipe_for(args.profile, max(ipcs), 10 * max(ipcs), fast_steps=args.fast_steps,
@@ -399,7 +407,7 @@ def _distill_seconds(out: Path, method: Method, ipc: int, seed: int) -> float | 
 def collect(out: Path, methods, ipcs, seeds, archs, table: dict[str, Method] | None = None) -> dict:
     """Aggregate the finished cells: mean +- std over seeds per (method, IPC, architecture)."""
     table = table or METHODS
-    rows = []
+    rows, commands = [], set()
     for name in methods:
         for ipc in ipcs:
             for arch in archs:
@@ -413,8 +421,10 @@ def collect(out: Path, methods, ipcs, seeds, archs, table: dict[str, Method] | N
                        "metrics": {k: _mean_std_raw([c["metrics"].get(k) for c in cells]) for k in metric_names},
                        "distill_seconds": _mean_std_raw([c.get("distill_seconds") for c in cells])}
                 rows.append(row)
+                commands.update(c.get("command", "") for c in cells)
     return {"rows": rows, "main": [m for m in MAIN if m in methods],
             "ladder": [(label, m) for label, m in LADDER if m in methods],
+            "commands": sorted(c for c in commands if c), "labels": {m: table[m].label for m in methods},
             "variants": [m for m in methods if m not in METHODS],
             "variant_settings": {m: list(table[m].sets) for m in methods if m not in METHODS}}
 
@@ -478,6 +488,8 @@ def register(sub) -> None:
     p.add_argument("--variant", action="append", default=[], metavar="NAME=BASE:KEY=VALUE[,KEY=VALUE]",
                    help="an extra generative method: BASE plus distill settings, e.g. "
                    "lam03=manifoldgd:sampler.guidance_scale=0.3 (repeatable; a recorded knob sweep)")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing: write the table, JSON, chart and grids from the cells already finished")
     p.add_argument("--no-share-latents", dest="share_latents", action="store_false",
                    help="encode the training set again in every distill folder")
     add_student_arguments(p)

@@ -29,8 +29,9 @@ def markdown(results: dict) -> str:
     archs = results.get("archs") or sorted({r["arch"] for r in rows})
     ipcs = sorted({r["ipc"] for r in rows})
     lines = []
-    if results.get("command"):
-        lines += [f"Command: `{results['command']}`", ""]
+    commands = results.get("commands") or ([results["command"]] if results.get("command") else [])
+    if commands:
+        lines += ["Made by:", ""] + [f"    {c}" for c in commands] + [""]
     for arch in archs:
         by = _rows(results, arch)
         recipe = results.get("recipe", {}).get(arch, arch)
@@ -89,6 +90,8 @@ def _order(results: dict) -> list[str]:
 
 
 def by_label(results: dict, method: str) -> str:
+    if method in results.get("labels", {}):
+        return results["labels"][method]
     for r in results["rows"]:
         if r["method"] == method:
             return r["label"]

@@ -169,8 +169,10 @@ class StudentRecipe:
         aug += ["flip"] if self.hflip else []
         aug += [f"jitter {self.jitter}"] if self.jitter else []
         aug += [f"CutMix p={self.cutmix_prob} beta={self.cutmix_beta}"] if self.cutmix_prob else []
+        length = (f"{self.extra['fast_steps']} optimiser steps" if "fast_steps" in self.extra
+                  else f"{self.epochs} epochs")
         return (f"{self.arch} (width {self.width or 'default'}, instance norm), {self.profile} profile: "
-                f"{self.epochs} epochs, SGD lr {self.lr} bs {self.batch_size}, aug: {', '.join(aug) or 'none'}")
+                f"{length}, SGD lr {self.lr} bs {self.batch_size}, aug: {', '.join(aug) or 'none'}")
 
 
 PROFILES = ("paper", "fast")
@@ -199,7 +201,10 @@ def recipe_for(profile: str, ipc: int, n_images: int, *, fast_steps: int = 500, 
 # ------------------------------------------------------------------------------------ augmentation
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # a Ray object-store array: torch warns on read-only memory
+        images = images.copy()
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def random_resized_crop(x: torch.Tensor, scale: float, gen: torch.Generator,

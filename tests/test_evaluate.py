@@ -269,6 +269,13 @@ def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
     # another student setting is a different cell: it is trained, not reused
     assert main([*argv, "--student", "lr=0.02"]) == 0
     assert any(p.stat().st_mtime_ns != s for p, s in zip(cells, stamps))
+    # --report-only runs nothing: a method never run is reported as such, and no folder appears for it
+    report_argv = [*argv, "--report-only"]
+    report_argv[report_argv.index("random,kmeans_real")] = "random,dit"
+    assert main(report_argv) == 0
+    assert not (out / "distill" / "dit").exists()
+    table = (out / "table.md").read_text()
+    assert "| DiT (no guidance) | not run |" in table and "Random real" in table
 
 
 def test_report_marks_missing_cells(tmp_path):
