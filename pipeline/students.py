@@ -297,7 +297,7 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Studen
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
-    x, y = to_tensor(images).to(device), torch.as_tensor(labels, dtype=torch.long).to(device)
+    x, y = to_tensor(images).to(device), torch.tensor(np.asarray(labels), dtype=torch.long).to(device)
     model = build_model(recipe.arch, num_classes, x.shape[1], x.shape[-1], recipe.width, recipe.depth).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay)

@@ -292,3 +292,15 @@ def test_report_marks_missing_cells(tmp_path):
     text = report.markdown(results)
     assert "**50.0 +- 1.0**" in text and "not run" in text
     assert report.bar_chart(results, tmp_path / "c.png").exists()
+
+
+def test_load_test_builtin_maps_classes_by_name():
+    from pipeline.datasets import load_builtin
+    from pipeline.evaluate import load_test
+
+    _, y, names = load_builtin("mnist10k", "test")
+    x3, y3 = load_test("mnist10k", ["7", "2"], 32)
+    assert x3.shape[1:] == (32, 32, 3) and x3.dtype == np.uint8
+    assert (y3 == 0).sum() == (y == names.index("7")).sum() and (y3 == 1).sum() == (y == names.index("2")).sum()
+    with pytest.raises(ValueError, match="no test images"):
+        load_test("mnist10k", ["7", "cat"], 32)
