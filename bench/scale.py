@@ -1,0 +1,363 @@
+"""Scale rehearsal: ImageNet-1K's class structure through the real `distill` pipeline on this machine.
+
+For each class count (10 = Imagenette's wnids, 100 = ImageNet-100's, 1,000 = ImageNet-1K's, all from the
+shipped lists in pipeline/data/), it writes an ImageFolder of small PNGs per class, saves a tiny
+random-init prior with 1,000 classes (wnid folders map to their ImageNet-1K index), and runs
+``pipeline.distill.run`` at IPC 10 in a fresh process (so that ``ru_maxrss`` is that size's own peak),
+with Ray started by the script. It records:
+
+- wall time per stage (run.json ``timings_s``), files/s listed, files/s through the encode stage, and
+  files/s decoded in one process (read + DiT preprocessing, no Ray) for reference;
+- per-class scheduling overhead of stage 2 (plan tasks) and stage 3 (sampling actors): stage wall time x
+  slots, minus the work each class reported (its own ``seconds``), per class;
+- the cost of reading one class's latents (``read_class_latents``) after the run, at each size;
+- peak driver RSS (psutil, sampled every 0.2 s, and ``ru_maxrss``) and peak object-store use (raylet
+  store stats, sampled every 0.5 s) against the store's capacity;
+- bytes and files of manifest.parquet, _work/latents, _work/centroids and train/.
+
+Then it prints one table with the 100/10 and 1000/100 ratios (class counts grow 10x each step, so a
+linear quantity shows ~10x and a flat one ~1x).
+
+    nice -n 10 .venv/bin/python bench/scale.py --sizes 10,100,1000 --per-class 50 --work /tmp/mgd-scale
+    .venv/bin/python bench/scale.py --report-only --work /tmp/mgd-scale     # the table from saved results
+
+The tiny prior has 16 px images and 4 x 4 x 4 = 64-d latents (DiT-XL/2: 4,096-d), so model work is near
+zero and what is measured is the pipeline's own cost: listing, Ray Data, task/actor scheduling, parquet,
+PNG writing. Every figure comes from this one run on this machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+HERE = Path(__file__).resolve()
+ROOT = HERE.parents[1]
+# bench/ holds ops.py and sampler.py: drop it from the path so `ops` and `pipeline` are the packages
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))
+
+SHIPPED_BY_SIZE = {10: "imagenette", 100: "imagenet100", 1000: "imagenet1k"}
+MiB = 2**20
+
+
+# -------------------------------------------------------------------------------------- inputs
+def class_wnids(n: int) -> list[str]:
+    """Imagenette / ImageNet-100 / ImageNet-1K wnids for 10 / 100 / 1000; else the first n of the 1K list."""
+    from pipeline.sources import class_subset  # noqa: PLC0415
+
+    if n in SHIPPED_BY_SIZE:
+        return sorted(class_subset(SHIPPED_BY_SIZE[n]))
+    return class_subset("imagenet1k")[:n]
+
+
+def make_data(root: Path, wnids: list[str], per_class: int, size: int) -> Path:
+    """root/train/<wnid>/img_<i>.png, written once (a _DONE marker makes reruns reuse it)."""
+    from conftest import write_image_folder  # noqa: PLC0415
+
+    if not (root / "_DONE").exists():
+        write_image_folder(root, {w: per_class for w in wnids}, size=size)
+        (root / "_DONE").write_text("ok\n")
+    return root
+
+
+def make_prior(folder: Path) -> Path:
+    from conftest import save_tiny_prior  # noqa: PLC0415
+
+    if not (folder / "transformer").is_dir():
+        save_tiny_prior(folder, num_classes=1000)
+    return folder
+
+
+# ------------------------------------------------------------------------------------ sampling
+class PeakSampler(threading.Thread):
+    """Polls driver RSS (every 0.2 s) and object-store bytes in use (every 0.5 s) until stopped."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        import psutil  # noqa: PLC0415
+
+        self.proc = psutil.Process()
+        self.stop_flag = threading.Event()
+        self.peak_rss = self.proc.memory_info().rss
+        self.peak_store = 0
+        self.store_capacity = 0
+        self.store_error = ""
+        self.samples = 0
+
+    def _store_bytes(self, state) -> tuple[int, int]:
+        from ray._private.internal_api import get_memory_info_reply  # noqa: PLC0415
+
+        stats = get_memory_info_reply(state, timeout_seconds=5).store_stats
+        return int(stats.object_store_bytes_used), int(stats.object_store_bytes_avail)
+
+    def run(self) -> None:
+        import ray  # noqa: PLC0415
+        from ray._private.internal_api import get_state_from_address  # noqa: PLC0415
+
+        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        last_store = 0.0
+        while not self.stop_flag.is_set():
+            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            if time.monotonic() - last_store >= 0.5:
+                last_store = time.monotonic()
+                try:
+                    used, avail = self._store_bytes(state)
+                    self.peak_store = max(self.peak_store, used)
+                    self.store_capacity = avail
+                except Exception as exc:  # a probe must never break the run it measures
+                    self.store_error = f"{type(exc).__name__}: {exc}"[:200]
+            self.samples += 1
+            self.stop_flag.wait(0.2)
+
+    def stop(self) -> None:
+        self.stop_flag.set()
+        self.join(timeout=10)
+
+
+def folder_size(path: Path) -> tuple[int, int]:
+    """(bytes, files) under ``path`` (0, 0 when absent)."""
+    total, files = 0, 0
+    if path.is_file():
+        return path.stat().st_size, 1
+    for dirpath, _, names in os.walk(path):
+        for name in names:
+            total += os.path.getsize(os.path.join(dirpath, name))
+            files += 1
+    return total, files
+
+
+def capture(module, name: str, sink: dict):
+    """Wrap ``module.name`` so its return value is kept in ``sink[name]`` (the driver looks the stage
+    functions up at call time, so ``run`` goes through the wrapper unchanged)."""
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        result = original(*args, **kwargs)
+        sink[name] = result
+        return result
+
+    setattr(module, name, wrapper)
+
+
+def decode_rate(listing, image_size: int, limit: int = 2000) -> float:
+    """Files/s read from disk and decoded with DiT's preprocessing in this process (no Ray)."""
+    import numpy as np  # noqa: PLC0415
+
+    from pipeline.encode import decode_batch  # noqa: PLC0415
+
+    files = listing.files[:limit]
+    base = Path(listing.root)
+    start = time.perf_counter()
+    for i in range(0, len(files), 64):
+        chunk = files[i:i + 64]
+        batch = {"id": np.asarray([r for r, _ in chunk], dtype=object),
+                 "class_name": np.asarray([c for _, c in chunk], dtype=object),
+                 "label": np.zeros(len(chunk), dtype=np.int64),
+                 "bytes": [(base / r).read_bytes() for r, _ in chunk]}
+        decode_batch(batch, image_size=image_size, hflip=False, seed=0)
+    return len(files) / (time.perf_counter() - start)
+
+
+def read_cost(out, classes: list[str], probes: int = 5) -> float:
+    """Mean seconds for ``read_class_latents`` of one class (what each plan task does first)."""
+    from pipeline.centroids import read_class_latents  # noqa: PLC0415
+
+    picks = [classes[int(i * (len(classes) - 1) / max(probes - 1, 1))] for i in range(min(probes, len(classes)))]
+    start = time.perf_counter()
+    for c in picks:
+        read_class_latents(out.latents, c)
+    return (time.perf_counter() - start) / len(picks)
+
+
+# ------------------------------------------------------------------------------------ one size
+def one_size(classes: int, args) -> dict:
+    import ray  # noqa: PLC0415
+
+    from pipeline import distill  # noqa: PLC0415
+    from pipeline.config import build_config, validate  # noqa: PLC0415
+    from pipeline.model_refs import prior_info  # noqa: PLC0415
+    from pipeline.outputs import OutputDir  # noqa: PLC0415
+    from pipeline.sources import list_source  # noqa: PLC0415
+
+    work = Path(args.work)
+    t = time.perf_counter()
+    prior = make_prior(work / "prior")
+    data = make_data(work / f"data_{classes}", class_wnids(classes), args.per_class, args.image_px)
+    prepare_s = time.perf_counter() - t
+    out_dir = work / f"out_{classes}"
+    shutil.rmtree(out_dir, ignore_errors=True)  # a leftover folder would be resumed, not recomputed
+    cfg = validate(build_config({
+        "data": {"path": str(data)}, "out": str(out_dir), "ipc": args.ipc,
+        "model": {"model": str(prior), "vae": ""},
+        "sampler": {"num_steps": args.steps, "t_stop": args.steps // 2},
+        "runtime": {"progress": False}}))
+    t = time.perf_counter()
+    listing = list_source(cfg.data)
+    list_s = time.perf_counter() - t
+    assert len(listing.classes) == classes and max(listing.labels.values()) < 1000
+
+    ray.init(address="local", num_cpus=args.cpus, object_store_memory=args.store_mib * MiB,
+             include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    stages: dict = {}
+    capture(distill, "plan_stage", stages)
+    capture(distill, "sample_stage", stages)
+    peaks = PeakSampler()
+    peaks.start()
+    try:
+        record = distill.run(cfg, listing, overwrite=True)
+    finally:
+        peaks.stop()
+    slots = int(ray.cluster_resources().get("CPU", 1))
+    ray.shutdown()
+
+    out = OutputDir(cfg.out)
+    tm = record["timings_s"]
+    n_files = listing.num_items
+    plan_work = sum(r["seconds"] for r in stages.get("plan_stage", []))
+    sample_res = stages.get("sample_stage", [])
+    sample_work = sum(r["seconds"] for r in sample_res)
+    sample_slots = min(slots, classes)
+    sizes = {name: folder_size(out.root / rel) for name, rel in
+             (("manifest", "manifest.parquet"), ("latents", "_work/latents"),
+              ("centroids", "_work/centroids"), ("train", "train"))}
+    result = {
+        "classes": classes, "per_class": args.per_class, "files": n_files, "ipc": args.ipc, "steps": args.steps,
+        "cpus": slots, "store_capacity_mib": args.store_mib, "prepare_s": prepare_s,
+        "list_s": list_s, "files_per_s_listed": n_files / list_s,
+        "timings_s": tm, "files_per_s_encode_stage": n_files / tm["encode"],
+        "files_per_s_decoded_in_process": decode_rate(listing, prior_info(cfg.model)[0]),
+        "plan_work_per_class_s": plan_work / classes,
+        "plan_wall_per_class_s": tm["plan"] / classes,
+        "plan_overhead_per_class_s": (tm["plan"] * min(slots, classes) - plan_work) / classes,
+        "sample_classes": len(sample_res),
+        "sample_work_per_class_s": sample_work / max(len(sample_res), 1),
+        "sample_wall_per_class_s": tm["sample"] / max(len(sample_res), 1),
+        "sample_overhead_per_class_s": (tm["sample"] * sample_slots - sample_work) / max(len(sample_res), 1),
+        "read_class_latents_s": read_cost(out, listing.classes),
+        "peak_driver_rss_mib": peaks.peak_rss / MiB,
+        "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_object_store_mib": peaks.peak_store / MiB,
+        "object_store_probe_error": peaks.store_error, "samples": peaks.samples,
+        "bytes": {k: v[0] for k, v in sizes.items()}, "file_counts": {k: v[1] for k, v in sizes.items()},
+        "images": record["counts"]["images"], "load_average": os.getloadavg(),
+        "plan_seconds_by_class": [r["seconds"] for r in stages.get("plan_stage", [])],
+        "sample_seconds_by_class": [r["seconds"] for r in sample_res],
+    }
+    assert result["images"] == classes * args.ipc, result["images"]
+    return result
+
+
+# --------------------------------------------------------------------------------------- table
+ROWS = (  # (label, how to read it from a result, format)
+    ("files (images in)", lambda r: r["files"], "{:.0f}"),
+    ("list: files/s", lambda r: r["files_per_s_listed"], "{:.0f}"),
+    ("stage 1 encode: wall s", lambda r: r["timings_s"]["encode"], "{:.1f}"),
+    ("stage 1 encode: files/s", lambda r: r["files_per_s_encode_stage"], "{:.0f}"),
+    ("decode in one process: files/s", lambda r: r["files_per_s_decoded_in_process"], "{:.0f}"),
+    ("stage 2 plan: wall s", lambda r: r["timings_s"]["plan"], "{:.1f}"),
+    ("stage 2 plan: work per class s", lambda r: r["plan_work_per_class_s"], "{:.3f}"),
+    ("stage 2 plan: overhead per class s", lambda r: r["plan_overhead_per_class_s"], "{:.3f}"),
+    ("read one class's latents s", lambda r: r["read_class_latents_s"], "{:.3f}"),
+    ("stage 3 sample: wall s", lambda r: r["timings_s"]["sample"], "{:.1f}"),
+    ("stage 3 sample: work per class s", lambda r: r["sample_work_per_class_s"], "{:.3f}"),
+    ("stage 3 sample: overhead per class s", lambda r: r["sample_overhead_per_class_s"], "{:.3f}"),
+    ("total s (run.json)", lambda r: r["timings_s"]["total"], "{:.1f}"),
+    ("peak driver RSS MiB (sampled)", lambda r: r["peak_driver_rss_mib"], "{:.0f}"),
+    ("peak driver RSS MiB (ru_maxrss)", lambda r: r["ru_maxrss_mib"], "{:.0f}"),
+    ("peak object store MiB", lambda r: r["peak_object_store_mib"], "{:.1f}"),
+    ("manifest.parquet KiB", lambda r: r["bytes"]["manifest"] / 1024, "{:.1f}"),
+    ("_work/latents MiB", lambda r: r["bytes"]["latents"] / MiB, "{:.2f}"),
+    ("_work/latents files", lambda r: r["file_counts"]["latents"], "{:.0f}"),
+    ("_work/centroids MiB", lambda r: r["bytes"]["centroids"] / MiB, "{:.2f}"),
+    ("train/ MiB", lambda r: r["bytes"]["train"] / MiB, "{:.2f}"),
+)
+
+
+def table(results: list[dict]) -> str:
+    results = sorted(results, key=lambda r: r["classes"])
+    head = ["quantity"] + [f"{r['classes']} classes" for r in results]
+    head += [f"x {b['classes']}/{a['classes']}" for a, b in zip(results, results[1:])]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for label, get, fmt in ROWS:
+        vals = [get(r) for r in results]
+        cells = [fmt.format(v) for v in vals]
+        cells += [f"{b / a:.2f}" if a else "-" for a, b in zip(vals, vals[1:])]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def marginal(results: list[dict]) -> str:
+    """Per-class cost from the difference of two sizes: fixed costs (Ray Data start, actor and model
+    start-up, worker imports) cancel, leaving what one more class costs."""
+    results = sorted(results, key=lambda r: r["classes"])
+    lines = []
+    for a, b in zip(results, results[1:]):
+        dc = b["classes"] - a["classes"]
+        parts = []
+        for stage in ("encode", "plan", "sample"):
+            per_class = (b["timings_s"][stage] - a["timings_s"][stage]) / dc
+            text = f"{stage} {per_class:.3f} s/class"
+            if stage != "encode":
+                slots = min(b["cpus"], b["classes"])
+                # the median: the first class on each worker also pays its imports, a fixed cost
+                work = statistics.median(b[f"{stage}_seconds_by_class"])
+                text += f" (x {slots} slots - median work {work:.3f} = overhead {per_class * slots - work:.3f})"
+            parts.append(text)
+        lines.append(f"marginal {a['classes']} -> {b['classes']} classes: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10,100,1000", help="class counts, each run in a fresh process")
+    ap.add_argument("--per-class", type=int, default=50)
+    ap.add_argument("--image-px", type=int, default=32)
+    ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--cpus", type=int, default=2)
+    ap.add_argument("--store-mib", type=int, default=1024, help="object store capacity given to Ray")
+    ap.add_argument("--work", default="/tmp/mgd-scale")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
+    ap.add_argument("--report-only", action="store_true", help="print the table from saved results")
+    args = ap.parse_args(argv)
+    work = Path(args.work)
+    results_dir = work / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        result = one_size(args.one, args)
+        (results_dir / f"scale_{args.one}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2), flush=True)
+        return
+    if not args.report_only:
+        passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}"
+                       for k in ("per_class", "image_px", "ipc", "steps", "cpus", "store_mib", "work")]
+        for n in (int(s) for s in args.sizes.split(",")):
+            print(f"--- {n} classes x {args.per_class} images ({time.strftime('%H:%M:%S')})", flush=True)
+            start = time.perf_counter()
+            subprocess.run([sys.executable, str(HERE), f"--one={n}", *passthrough], check=True)
+            print(f"--- {n} classes done in {time.perf_counter() - start:.0f} s", flush=True)
+    wanted = {int(s) for s in args.sizes.split(",")}
+    results = [json.loads(p.read_text()) for p in sorted(results_dir.glob("scale_*.json"))]
+    results = [r for r in results if r["classes"] in wanted]
+    print(f"per class: {args.per_class} images of {args.image_px} px; IPC {args.ipc}; {args.steps} steps; "
+          f"{results[0]['cpus'] if results else '?'} CPUs")
+    print(table(results))
+    print(marginal(results))
+
+
+if __name__ == "__main__":
+    main()
