@@ -97,6 +97,8 @@ class PeakSampler(threading.Thread):
         self.store_capacity = 0
         self.store_error = ""
         self.samples = 0
+        self.timeline: list[tuple[float, int]] = []  # (seconds since start, RSS bytes)
+        self.t0 = time.monotonic()
 
     def _store_bytes(self, state) -> tuple[int, int]:
         from ray._private.internal_api import get_memory_info_reply  # noqa: PLC0415
@@ -111,7 +113,9 @@ class PeakSampler(threading.Thread):
         state = get_state_from_address(ray.get_runtime_context().gcs_address)
         last_store = 0.0
         while not self.stop_flag.is_set():
-            self.peak_rss = max(self.peak_rss, self.proc.memory_info().rss)
+            rss = self.proc.memory_info().rss
+            self.peak_rss = max(self.peak_rss, rss)
+            self.timeline.append((time.monotonic() - self.t0, rss))
             if time.monotonic() - last_store >= 0.5:
                 last_store = time.monotonic()
                 try:
@@ -126,6 +130,17 @@ class PeakSampler(threading.Thread):
     def stop(self) -> None:
         self.stop_flag.set()
         self.join(timeout=10)
+
+
+def stage_peaks(timeline: list[tuple[float, int]], timings: dict) -> dict:
+    """Peak driver RSS (MiB) within each stage's window; the stages run one after another in ``run``."""
+    bounds, t = {}, 0.0
+    for stage in ("ray_init", "encode", "plan", "sample"):
+        bounds[stage] = (t, t + timings[stage])
+        t += timings[stage]
+    bounds["manifest"] = (t, float("inf"))
+    return {stage: max((rss for at, rss in timeline if lo <= at < hi), default=0) / MiB
+            for stage, (lo, hi) in bounds.items()}
 
 
 def folder_size(path: Path) -> tuple[int, int]:
@@ -172,15 +187,34 @@ def decode_rate(listing, image_size: int, limit: int = 2000) -> float:
     return len(files) / (time.perf_counter() - start)
 
 
-def read_cost(out, classes: list[str], probes: int = 5) -> float:
-    """Mean seconds for ``read_class_latents`` of one class (what each plan task does first)."""
+def read_partition_only(latents_dir: Path, class_name: str):
+    """The proposed fix to ``read_class_latents``: open only the class's own partition folder, so the
+    cost does not grow with the number of classes (pyarrow lists every file of a dataset it opens)."""
+    import pyarrow as pa  # noqa: PLC0415
+    import pyarrow.compute as pc  # noqa: PLC0415
+    import pyarrow.dataset as pds  # noqa: PLC0415
+
+    part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
+    folder = Path(latents_dir) / part.format(pc.field("class_name") == class_name)[0]
+    return pds.dataset(str(folder), format="parquet").to_table(columns=["id", "latent"],
+                                                                filter=pc.field("error") == "")
+
+
+def read_costs(out, classes: list[str], probes: int = 10) -> dict:
+    """Median seconds to read one class's latents: as stage 2 does now, and partition-only."""
     from pipeline.centroids import read_class_latents  # noqa: PLC0415
 
     picks = [classes[int(i * (len(classes) - 1) / max(probes - 1, 1))] for i in range(min(probes, len(classes)))]
-    start = time.perf_counter()
-    for c in picks:
-        read_class_latents(out.latents, c)
-    return (time.perf_counter() - start) / len(picks)
+    result = {}
+    for name, fn in (("read_class_latents_s", read_class_latents), ("read_partition_only_s", read_partition_only)):
+        fn(out.latents, picks[0])  # warm-up: imports
+        times = []
+        for c in picks:
+            start = time.perf_counter()
+            fn(out.latents, c)
+            times.append(time.perf_counter() - start)
+        result[name] = statistics.median(times)
+    return result
 
 
 # ------------------------------------------------------------------------------------ one size
@@ -215,6 +249,9 @@ def one_size(classes: int, args) -> dict:
     stages: dict = {}
     capture(distill, "plan_stage", stages)
     capture(distill, "sample_stage", stages)
+    import psutil  # noqa: PLC0415
+
+    rss_before = psutil.Process().memory_info().rss  # after listing and Ray's start, before the run
     peaks = PeakSampler()
     peaks.start()
     try:
@@ -247,8 +284,10 @@ def one_size(classes: int, args) -> dict:
         "sample_work_per_class_s": sample_work / max(len(sample_res), 1),
         "sample_wall_per_class_s": tm["sample"] / max(len(sample_res), 1),
         "sample_overhead_per_class_s": (tm["sample"] * sample_slots - sample_work) / max(len(sample_res), 1),
-        "read_class_latents_s": read_cost(out, listing.classes),
+        **read_costs(out, listing.classes),
+        "driver_rss_before_run_mib": rss_before / MiB,
         "peak_driver_rss_mib": peaks.peak_rss / MiB,
+        "peak_driver_rss_by_stage_mib": stage_peaks(peaks.timeline, tm),
         "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_object_store_mib": peaks.peak_store / MiB,
         "object_store_probe_error": peaks.store_error, "samples": peaks.samples,
@@ -261,6 +300,138 @@ def one_size(classes: int, args) -> dict:
     return result
 
 
+# ------------------------------------------------------------------- real-size costs, one class
+def jpeg_like_imagenet(seed: int = 0) -> bytes:
+    """A 500 x 375 JPEG (quality 90) of smooth structure plus texture: ImageNet's typical size and weight."""
+    import io  # noqa: PLC0415
+
+    import numpy as np  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+    pixels = np.clip(np.asarray(coarse, np.float32) + rng.normal(0, 12, (375, 500, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def class_costs(args) -> dict:
+    """CPU seconds of stage 2 for one ImageNet-sized class (1,300 x 4,096 latents), on one thread, and
+    the one-core rate of decoding + preprocessing ImageNet-sized JPEGs to 256 px."""
+    import importlib.util  # noqa: PLC0415
+
+    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+
+    from ops.clustering import select_ipc_nodes  # noqa: PLC0415
+    from pipeline.centroids import plan_class  # noqa: PLC0415
+    from pipeline.config import build_config, validate  # noqa: PLC0415
+    from pipeline.preprocess import decode_image  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("bench_ops", HERE.parent / "ops.py")
+    bench_ops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_ops)
+    X = bench_ops.latent_like(1300, 4096, modes=30, seed=1300)  # what bench/ops.py and bench/gpu.py cluster
+    out: dict = {"class_images": 1300, "latent_dim": 4096, "threads": 1}
+    with threadpool_limits(1):  # one plan task holds one CPU
+        for ipc in (10, 50):
+            cfg = validate(build_config({"ipc": ipc}), need_paths=False)
+            start = time.perf_counter()
+            select_ipc_nodes(X, ipc, seed=0)
+            out[f"select_ipc_nodes_ipc{ipc}_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            plan = plan_class(X, cfg)
+            out[f"plan_class_ipc{ipc}_s"] = time.perf_counter() - start
+            out[f"plan_bases_ipc{ipc}"] = int(plan["bases"].shape[0])
+    data = jpeg_like_imagenet()
+    decode_image(data, 256)
+    reps = 40
+    start = time.perf_counter()
+    for _ in range(reps):
+        arr, reason = decode_image(data, 256)
+        assert arr is not None, reason
+    out["jpeg_bytes"] = len(data)
+    out["jpeg_decode_per_s_one_core"] = reps / (time.perf_counter() - start)
+    out["load_average"] = os.getloadavg()
+    return out
+
+
+# ----------------------------------------------------------------------------------- capacity
+DATASETS = (  # (name, classes, train images)
+    ("ImageNette", 10, 9_469),
+    ("ImageNet-100", 100, 126_689),
+    ("ImageNet-1K", 1000, 1_281_167),
+)
+# Per-image work, counted as GPUs count peak FLOP/s (2 FLOP per multiply-add), from
+# torch.utils.flop_counter on the random-init models of bench/gpu_sampler.py at 256 px:
+DIT_XL_FORWARD_TFLOP = 0.2373   # = 2 x DiT's 118.6 "Gflops", which are multiply-adds
+VAE_ENCODE_TFLOP = 0.273
+VAE_DECODE_TFLOP = 0.622
+
+
+def capacity(costs: dict, scale: dict | None, a) -> tuple[list[dict], str]:
+    """Hours per stage for each dataset x IPC x GPU count under the stated assumptions (an estimate)."""
+    import math  # noqa: PLC0415
+
+    per_gpu = a.peak_tflops * a.efficiency                       # TFLOP/s achieved per GPU (assumed)
+    sample_tflop = 2 * a.steps * DIT_XL_FORWARD_TFLOP + VAE_DECODE_TFLOP  # CFG: two forwards per step
+    overhead_plan = scale["plan_overhead_per_class_s"] if scale else 0.0
+    overhead_sample = scale["sample_overhead_per_class_s"] if scale else 0.0
+    rows = []
+    for name, classes, images in DATASETS:
+        per_class_images = images / classes
+        for ipc in (10, 50):
+            # stage 2's divisive tree costs about linearly in the class's images (fixed leaves)
+            t_class = costs[f"plan_class_ipc{ipc}_s"] * per_class_images / costs["class_images"]
+            for gpus in (1, 8, 32):
+                cores = gpus * a.cores_per_gpu
+                enc_gpu = images * VAE_ENCODE_TFLOP / (gpus * per_gpu)
+                enc_cpu = images / (cores * costs["jpeg_decode_per_s_one_core"])
+                enc_io = images * a.jpeg_kb * 1e3 / (a.storage_gbps * 1e9)
+                encode = max(enc_gpu, enc_cpu, enc_io) + a.stage_start_s
+                plan = math.ceil(classes / cores) * (t_class + overhead_plan)
+                # one class goes through one actor (one GPU): fewer classes than GPUs leaves GPUs idle
+                sample = (math.ceil(classes / gpus) * (ipc * sample_tflop / per_gpu + overhead_sample)
+                          + a.model_load_s)
+                stages = {"encode": encode, "plan": plan, "sample": sample}
+                bound = max(stages, key=stages.get)
+                if bound == "encode":
+                    bound += " (" + {enc_gpu: "VAE", enc_cpu: "JPEG decode", enc_io: "storage"}[
+                        max(enc_gpu, enc_cpu, enc_io)] + ")"
+                rows.append({"dataset": name, "ipc": ipc, "gpus": gpus, **stages,
+                             "total": sum(stages.values()) + a.ray_start_s, "bound": bound,
+                             "gpus_used_sampling": min(gpus, classes)})
+    lines = ["| dataset | IPC | GPUs | encode h | plan h | sample h | total h | bound by |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        idle = f"; {r['gpus'] - r['gpus_used_sampling']} GPUs idle while sampling" if r["gpus_used_sampling"] < r["gpus"] else ""
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['gpus']} | {r['encode'] / 3600:.3f} | "
+                     f"{r['plan'] / 3600:.3f} | {r['sample'] / 3600:.3f} | {r['total'] / 3600:.2f} | "
+                     f"{r['bound']}{idle} |")
+    return rows, "\n".join(lines)
+
+
+def print_capacity(a, work: Path) -> None:
+    costs_file = work / "results" / "class_costs.json"
+    if not costs_file.exists() or a.remeasure:
+        costs_file.parent.mkdir(parents=True, exist_ok=True)
+        costs_file.write_text(json.dumps(class_costs(a), indent=2) + "\n")
+    costs = json.loads(costs_file.read_text())
+    scale_file = work / "results" / "scale_1000.json"
+    scale = json.loads(scale_file.read_text()) if scale_file.exists() else None
+    print("measured here (one thread of this 2-core box):",
+          ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in costs.items()
+                    if k != "load_average"))
+    if scale:
+        print(f"per-class overhead from the 1,000-class rehearsal: plan {scale['plan_overhead_per_class_s']:.3f} s, "
+              f"sample {scale['sample_overhead_per_class_s']:.3f} s")
+    print(f"assumed: {a.peak_tflops:.0f} TFLOP/s peak bf16 x {a.efficiency:.0%} achieved = "
+          f"{a.peak_tflops * a.efficiency:.0f} TFLOP/s per GPU; {a.cores_per_gpu} CPU cores per GPU; "
+          f"storage {a.storage_gbps} GB/s for {a.jpeg_kb:.0f} KB JPEGs; {a.model_load_s:.0f} s model load; "
+          f"{a.stage_start_s:.0f} s encode start; {a.ray_start_s:.0f} s Ray start; {a.steps} steps with CFG")
+    print(capacity(costs, scale, a)[1])
+
+
 # --------------------------------------------------------------------------------------- table
 ROWS = (  # (label, how to read it from a result, format)
     ("files (images in)", lambda r: r["files"], "{:.0f}"),
@@ -271,12 +442,17 @@ ROWS = (  # (label, how to read it from a result, format)
     ("stage 2 plan: wall s", lambda r: r["timings_s"]["plan"], "{:.1f}"),
     ("stage 2 plan: work per class s", lambda r: r["plan_work_per_class_s"], "{:.3f}"),
     ("stage 2 plan: overhead per class s", lambda r: r["plan_overhead_per_class_s"], "{:.3f}"),
-    ("read one class's latents s", lambda r: r["read_class_latents_s"], "{:.3f}"),
+    ("read one class's latents s (stage 2 now)", lambda r: r["read_class_latents_s"], "{:.4f}"),
+    ("  reading its partition only s", lambda r: r.get("read_partition_only_s", float("nan")), "{:.4f}"),
     ("stage 3 sample: wall s", lambda r: r["timings_s"]["sample"], "{:.1f}"),
     ("stage 3 sample: work per class s", lambda r: r["sample_work_per_class_s"], "{:.3f}"),
     ("stage 3 sample: overhead per class s", lambda r: r["sample_overhead_per_class_s"], "{:.3f}"),
     ("total s (run.json)", lambda r: r["timings_s"]["total"], "{:.1f}"),
+    ("driver RSS MiB before run (listed, Ray up)", lambda r: r["driver_rss_before_run_mib"], "{:.0f}"),
     ("peak driver RSS MiB (sampled)", lambda r: r["peak_driver_rss_mib"], "{:.0f}"),
+    ("  during encode", lambda r: r["peak_driver_rss_by_stage_mib"]["encode"], "{:.0f}"),
+    ("  during plan", lambda r: r["peak_driver_rss_by_stage_mib"]["plan"], "{:.0f}"),
+    ("  during sample", lambda r: r["peak_driver_rss_by_stage_mib"]["sample"], "{:.0f}"),
     ("peak driver RSS MiB (ru_maxrss)", lambda r: r["ru_maxrss_mib"], "{:.0f}"),
     ("peak object store MiB", lambda r: r["peak_object_store_mib"], "{:.1f}"),
     ("manifest.parquet KiB", lambda r: r["bytes"]["manifest"] / 1024, "{:.1f}"),
@@ -333,8 +509,22 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default="/tmp/mgd-scale")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
     ap.add_argument("--report-only", action="store_true", help="print the table from saved results")
+    cap = ap.add_argument_group("capacity table (an estimate from measured CPU costs and assumed GPU speed)")
+    cap.add_argument("--capacity", action="store_true", help="print the capacity table and exit")
+    cap.add_argument("--remeasure", action="store_true", help="measure the one-class CPU costs again")
+    cap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200)")
+    cap.add_argument("--efficiency", type=float, default=0.40, help="fraction of peak achieved")
+    cap.add_argument("--cores-per-gpu", type=int, default=12)
+    cap.add_argument("--storage-gbps", type=float, default=2.0, help="aggregate read rate of the images")
+    cap.add_argument("--jpeg-kb", type=float, default=110.0, help="mean input file size")
+    cap.add_argument("--model-load-s", type=float, default=60.0)
+    cap.add_argument("--stage-start-s", type=float, default=30.0)
+    cap.add_argument("--ray-start-s", type=float, default=30.0)
     args = ap.parse_args(argv)
     work = Path(args.work)
+    if args.capacity:
+        print_capacity(args, work)
+        return
     results_dir = work / "results"
     results_dir.mkdir(parents=True, exist_ok=True)
     if args.one:
