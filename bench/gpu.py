@@ -19,6 +19,7 @@ bytes the pool holds after the call, which it keeps until freed: an upper bound 
     python bench/gpu.py                 # CUDA + CuPy; about 3-5 minutes on one H200
     python bench/gpu.py --smoke         # tiny sizes on the CPU, numpy on both sides (tests call this)
     python bench/gpu.py --sections cluster,tangent
+    python bench/gpu.py --count-flops   # FLOP per image of each model at 256 px (meta tensors, any machine)
 
 The GPU machine has no diffusers, Ray or scikit-learn: carry a pure-Python diffusers and point PYTHONPATH
 at it (docs/sampler.md, docs/scale.md).
@@ -40,7 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-VAE_ENCODE_TFLOP_PER_IMAGE = 0.27  # SD-VAE encoder at 256 px (METHOD.md / issue 8)
+VAE_ENCODE_TFLOP_PER_IMAGE = 0.273  # SD-VAE encoder at 256 px (torch.utils.flop_counter, 2 per multiply-add)
+DIT_XL_FORWARD_FLOP = 237.3e9       # DiT-XL/2 at 256 px, one image, one forward (same counter)
+H200_PEAK_TFLOPS = 989.0            # dense bf16
 SECTIONS = ("vae", "dit", "cluster", "tangent")
 
 
@@ -234,6 +237,34 @@ def bench_tangent(X: np.ndarray, centroids: np.ndarray, gpu: Backend, host: Back
     return rows
 
 
+# ------------------------------------------------------------------------------------ FLOP count
+def count_flops(dit_kwargs: dict, vae_kwargs: dict, image_px: int) -> dict:
+    """FLOP per image (2 per multiply-add, as GPU peaks are quoted) of a VAE encode, a VAE decode and
+    one DiT forward, counted by torch.utils.flop_counter on meta tensors: no memory, no compute, no GPU."""
+    import torch  # noqa: PLC0415
+    from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+
+    with torch.device("meta"):
+        vae = AutoencoderKL(**vae_kwargs).eval()
+        dit = DiTTransformer2DModel(**dit_kwargs).eval()
+        image = torch.empty(1, 3, image_px, image_px)
+        counts = {}
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as counter:
+                latent = vae.encode(image).latent_dist.mean
+            counts["vae_encode"] = counter.get_total_flops()
+            with FlopCounterMode(display=False) as counter:
+                vae.decode(latent)
+            counts["vae_decode"] = counter.get_total_flops()
+            zeros = torch.zeros(1, dtype=torch.long)
+            with FlopCounterMode(display=False) as counter:
+                dit(torch.empty(1, dit_kwargs["in_channels"], dit_kwargs["sample_size"], dit_kwargs["sample_size"]),
+                    timestep=zeros, class_labels=zeros)
+            counts["dit_forward"] = counter.get_total_flops()
+    return counts
+
+
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -243,7 +274,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--dit-batches", default="8,16,32,64,128,256")
     ap.add_argument("--modes", default="none,mode,manifold")
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--count-flops", action="store_true",
+                    help="print FLOP per image of VAE encode/decode and a DiT-XL/2 forward at 256 px, then exit")
     args = ap.parse_args(argv)
+    if args.count_flops:
+        sampler_bench = _load_bench("gpu_sampler")
+        big = not args.smoke
+        counts = count_flops(sampler_bench.XL if big else sampler_bench.TINY,
+                             sampler_bench.SD_VAE if big else sampler_bench.TINY_VAE, 256 if big else 16)
+        per_image = 2 * args.steps * counts["dit_forward"] + counts["vae_decode"]
+        print(f"FLOP per image (2 per multiply-add): VAE encode {counts['vae_encode'] / 1e12:.3f} T, "
+              f"VAE decode {counts['vae_decode'] / 1e12:.3f} T, DiT forward {counts['dit_forward'] / 1e9:.1f} G; "
+              f"{args.steps} CFG steps + decode = {per_image / 1e12:.2f} T per generated image")
+        return {"flops": counts}
     sections = args.sections.split(",")
     unknown = set(sections) - set(SECTIONS)
     if unknown:
@@ -286,6 +329,14 @@ def main(argv=None) -> dict:
                 sampler_bench.run([2], ["manifold"], steps=2, device=device, prior=prior)  # warm-up
             results["dit"] = sampler_bench.run(dit_batches, args.modes.split(","), steps=steps, device=device,
                                                prior=prior)
+            if not args.smoke:
+                # gpu_sampler's TFLOP/s column counts DiT's 118.6 "Gflops" per forward, which are
+                # multiply-adds; GPU peaks count 2 FLOP per multiply-add (torch's flop counter: 237.3 G)
+                best = max(results["dit"], key=lambda r: r["images_per_s"])
+                flops = best["images_per_s"] * 2 * steps * DIT_XL_FORWARD_FLOP / 1e12
+                print(f"best {best['guidance']} batch {best['batch']}: {best['images_per_s']:.2f} images/s = "
+                      f"{flops:.0f} TFLOP/s at 2 FLOP per multiply-add = {100 * flops / H200_PEAK_TFLOPS:.0f}% "
+                      f"of {H200_PEAK_TFLOPS:.0f} (DiT forwards only)", flush=True)
         del prior
         if device == "cuda":
             torch.cuda.empty_cache()
