@@ -396,15 +396,16 @@ def capacity(costs: dict, scale: dict | None, a) -> tuple[list[dict], str]:
                 stages = {"encode": encode, "plan": plan, "sample": sample}
                 bound = max(stages, key=stages.get)
                 if bound == "encode":
-                    bound += " (" + {enc_gpu: "VAE", enc_cpu: "JPEG decode", enc_io: "storage"}[
-                        max(enc_gpu, enc_cpu, enc_io)] + ")"
+                    limits = {"VAE": enc_gpu, "JPEG decode": enc_cpu, "storage": enc_io}
+                    bound += f" ({max(limits, key=limits.get)})"
                 rows.append({"dataset": name, "ipc": ipc, "gpus": gpus, **stages,
                              "total": sum(stages.values()) + a.ray_start_s, "bound": bound,
                              "gpus_used_sampling": min(gpus, classes)})
     lines = ["| dataset | IPC | GPUs | encode h | plan h | sample h | total h | bound by |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        idle = f"; {r['gpus'] - r['gpus_used_sampling']} GPUs idle while sampling" if r["gpus_used_sampling"] < r["gpus"] else ""
+        idle_gpus = r["gpus"] - r["gpus_used_sampling"]
+        idle = f"; {idle_gpus} GPUs idle while sampling" if idle_gpus else ""
         lines.append(f"| {r['dataset']} | {r['ipc']} | {r['gpus']} | {r['encode'] / 3600:.3f} | "
                      f"{r['plan'] / 3600:.3f} | {r['sample'] / 3600:.3f} | {r['total'] / 3600:.2f} | "
                      f"{r['bound']}{idle} |")
