@@ -117,13 +117,13 @@ def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None
         return None
     ipcs = sorted({i for _, i in by})
     methods = [m for m in _order(results) if any((m, i) in by for i in ipcs)]
-    bar_w, gap, left, top, bottom, plot_h = 22, 30, 70, 50, 40, 360
+    bar_w, gap, left, top, bottom, plot_h = 22, 30, 70, 60, 40, 360
     legend_h = 22 * len(methods) + 10
     width = left + len(ipcs) * (len(methods) * bar_w + gap) + gap + 20
     height = top + plot_h + bottom + legend_h
     img = Image.new("RGB", (max(width, 640), height), "white")
     draw = ImageDraw.Draw(img)
-    f_small, f_title = _font(12), _font(15)
+    f_tiny, f_small, f_title = _font(10), _font(12), _font(15)
     draw.text((left, 12), f"Top-1 on real test (%), final epoch, {arch}; error bar = std over seeds",
               fill="black", font=f_title)
     y0 = top + plot_h
@@ -150,6 +150,7 @@ def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None
             draw.line([(cx, ypos(min(100, mean + std))), (cx, ypos(max(0, mean - std)))], fill="black", width=1)
             for yv in (min(100, mean + std), max(0, mean - std)):
                 draw.line([(cx - 4, ypos(yv)), (cx + 4, ypos(yv))], fill="black")
+            draw.text((x + 2, ypos(min(100, mean + std)) - 14), f"{mean:.0f}", fill="black", font=f_tiny)
         draw.text((gx + len(methods) * bar_w / 2 - 18, y0 + 8), f"IPC {ipc}", fill="black", font=f_small)
     ly = y0 + bottom
     for mi, m in enumerate(methods):
