@@ -173,6 +173,8 @@ def test_train_prior_through_ray_train_writes_a_loadable_prior(tmp_path, ray_ses
 SHIPPED = Path(str(resources.files("pipeline").joinpath("priors", "mnist10k")))
 
 
+@pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(),
+                    reason="the mnist10k prior is not committed yet (issue 5): train it with train-prior")
 def test_shipped_prior_is_small_loads_and_samples_digits():
     from pipeline.model_refs import resolve
     from pipeline.models import load_prior
