@@ -36,9 +36,13 @@ def read_class_latents(latents_dir: Path, class_name: str) -> tuple[np.ndarray, 
     import pyarrow.dataset as pds  # noqa: PLC0415
 
     part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
-    ds = pds.dataset(str(latents_dir), format="parquet", partitioning=part)
-    table = ds.to_table(columns=["id", "latent"],
-                        filter=(pc.field("class_name") == class_name) & (pc.field("error") == ""))
+    # Open only this class's folder (named with the writer's escaping): listing the whole dataset per
+    # class made stage 2 O(classes x files) (bench/scale.py, docs/scale.md).
+    folder = Path(latents_dir) / part.format(pc.field("class_name") == class_name)[0]
+    if not folder.is_dir():
+        return np.asarray([], dtype=object), np.zeros((0, 0), dtype=np.float32)
+    ds = pds.dataset(str(folder), format="parquet")
+    table = ds.to_table(columns=["id", "latent"], filter=pc.field("error") == "")
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     if len(ids) == 0:
         return ids, np.zeros((0, 0), dtype=np.float32)
