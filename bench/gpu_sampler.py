@@ -3,7 +3,7 @@
 Random-init DiT-XL/2 (28 layers, hidden 1152 = 16 x 72, patch 2, 4 x 32 x 32 latents, learned sigma)
 and an SD-VAE-shaped AutoencoderKL (block_out_channels 128/256/512/512, 2 layers per block): the
 weights do not matter for speed. Runs ``GuidedSampler.sample`` (the production path) for each
-guidance mode and batch size and prints images/s, achieved TFLOP/s against the ~11.9 TFLOP per image
+guidance mode and batch size and prints images/s, achieved TFLOP/s against the ~23.7 TFLOP per image (11.9 T multiply-adds)
 of 50 CFG steps at 256 px, and peak GPU memory.
 
     python bench/gpu_sampler.py                    # CUDA, bf16 autocast, batches 8..256
@@ -23,7 +23,9 @@ sys.path.insert(0, str(ROOT))  # before bench/ itself, which holds an unrelated 
 
 import torch  # noqa: E402
 
-DIT_XL_FLOPS_PER_FORWARD = 118.6e9  # DiT paper, 256 px, per image per forward
+# The DiT paper's 118.6 "GFLOPs" per forward counts multiply-adds; GPU peaks count FLOPs (2 per MAC).
+# torch's FLOP counter gives 237.3e9 (bench/gpu.py --count-flops, tests/test_bench_gpu.py).
+DIT_XL_FLOPS_PER_FORWARD = 2 * 118.6e9  # per image per forward, 256 px
 H200_BF16_DENSE_TFLOPS = 989.0
 
 XL = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32, patch_size=2,
