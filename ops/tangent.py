@@ -149,14 +149,23 @@ def annealed_bases(points, centre, *, dim: int, radius: float, n_steps: int, war
     ``step_index`` (n_steps,) mapping each guided step to its basis. Every neighbourhood holds at least
     dim + 1 points so that the basis is well defined.
     """
+    check_finite_matrix(points, "points")
     xp = array_module(points)
+    if dim + 1 > points.shape[0]:
+        raise ValueError(f"dim + 1 ({dim + 1}) exceeds the number of points ({points.shape[0]})")
+    # Distances do not change between steps: sort once, then each step is a count (the same rule as
+    # `neighbourhood`: within r_eff, at least dim + 1, at most max_neighbours, nearest first).
+    dist = xp.sqrt(xp.sum((points - centre[None, :]) ** 2, axis=1))
+    order = xp.argsort(dist, kind="stable")
+    sorted_dist = dist[order]
     bases, index, seen = [], [], {}
     for step in range(n_steps):
         r = annealed_radius(step, radius, warm_steps, schedule, max_multiplier)
-        idx = neighbourhood(points, centre, r, min_count=dim + 1, max_count=max_neighbours)
-        key = int(idx.shape[0])  # nearest-first order: equal counts mean equal sets
-        if key not in seen:
-            seen[key] = len(bases)
-            bases.append(tangent_basis(points[idx], dim))
-        index.append(seen[key])
+        count = max(int(xp.searchsorted(sorted_dist, r, side="right")), dim + 1)
+        if max_neighbours is not None:
+            count = min(count, max_neighbours)
+        if count not in seen:  # nearest-first order: equal counts mean equal sets
+            seen[count] = len(bases)
+            bases.append(tangent_basis(points[order[:count]], dim))
+        index.append(seen[count])
     return xp.stack(bases), np.asarray(index, dtype=np.int64)

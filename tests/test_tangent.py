@@ -167,3 +167,13 @@ def test_guided_mean_and_x0():
 def test_bad_input_names_the_argument(call, name):
     with pytest.raises(ValueError, match=name):
         call()
+
+
+def test_annealed_bases_match_the_neighbourhood_rule_step_by_step(cloud):
+    centre, radius = cloud[3], 4.0
+    bases, step_index = annealed_bases(cloud, centre, dim=3, radius=radius, n_steps=10, warm_steps=6,
+                                       schedule="cosine", max_multiplier=3.0, max_neighbours=30)
+    for step in range(10):
+        idx = neighbourhood(cloud, centre, annealed_radius(step, radius, 6, "cosine", 3.0), min_count=4,
+                            max_count=30)
+        np.testing.assert_allclose(bases[step_index[step]], tangent_basis(cloud[idx], 3), atol=1e-12)
