@@ -5,6 +5,8 @@ it beside every number, since none of these values means anything without it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -58,10 +60,50 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(max(value, 0.0))  # round-off can leave -1e-12 for identical sets
 
 
-def fid(real, synthetic) -> float:
+@dataclass(frozen=True)
+class GaussianReference:
+    """The real set's Gaussian, with its covariance square root: computed once, reused for every
+    synthetic set compared with it (the D x D eigendecomposition is the expensive part of FID)."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    root: np.ndarray
+
+    @classmethod
+    def of(cls, features) -> "GaussianReference":
+        mu, sigma = gaussian_stats(features)
+        return cls(mu, sigma, _psd_sqrt(sigma))
+
+
+def fid(real, synthetic, reference: GaussianReference | None = None) -> float:
     """Frechet distance between Gaussians fitted to two feature sets (FID when the features are
-    Inception-v3 pool features)."""
-    return frechet_distance(*gaussian_stats(real), *gaussian_stats(synthetic))
+    Inception-v3 pool features). ``reference``: the real set's precomputed Gaussian (``real`` is then unused).
+
+    A synthetic set of n < D vectors has a covariance Y^T Y of rank < n: the non-zero eigenvalues of
+    A Y^T Y A (A = S_real^(1/2)) are those of the n x n matrix (Y A)(Y A)^T, so the trace of the square root
+    costs an n x n eigendecomposition instead of a D x D one.
+    """
+    ref = reference or GaussianReference.of(real)
+    y = _as_features(synthetic, "synthetic")
+    if y.shape[1] != ref.mu.shape[0]:
+        raise ValueError(f"feature sizes differ: {ref.mu.shape[0]} vs {y.shape[1]}")
+    mu2 = y.mean(axis=0)
+    n = y.shape[0]
+    if n < 2:
+        tr_sigma2 = tr_sqrt = 0.0
+    else:
+        yc = (y - mu2) / np.sqrt(n - 1)  # sigma2 = yc^T yc
+        tr_sigma2 = float((yc * yc).sum())
+        if n < y.shape[1]:
+            m = yc @ ref.root
+            w = np.linalg.eigvalsh(m @ m.T)
+        else:
+            cross = ref.root @ (yc.T @ yc) @ ref.root
+            w = np.linalg.eigvalsh((cross + cross.T) / 2)
+        tr_sqrt = float(np.sqrt(np.clip(w, 0, None)).sum())
+    diff = ref.mu - mu2
+    value = diff @ diff + np.trace(ref.sigma) + tr_sigma2 - 2 * tr_sqrt
+    return float(max(value, 0.0))
 
 
 def mean_l2(real, synthetic) -> float:
@@ -105,8 +147,9 @@ def mmd2_rbf(real, synthetic, bandwidth: float | None = None) -> float:
     return float(max(kaa + kbb - 2 * kab, 0.0))
 
 
-def distribution_metrics(real, synthetic) -> dict[str, float]:
-    """FID-style Frechet distance, l2 of the means and MMD^2 (median bandwidth), with the bandwidth used."""
+def distribution_metrics(real, synthetic, reference: GaussianReference | None = None) -> dict[str, float]:
+    """FID-style Frechet distance, l2 of the means and MMD^2 (median bandwidth), with the bandwidth used.
+    ``reference``: ``GaussianReference.of(real)``, when many sets are compared with the same real one."""
     h = median_bandwidth(real, synthetic)
-    return {"fid": fid(real, synthetic), "mean_l2": mean_l2(real, synthetic),
+    return {"fid": fid(real, synthetic, reference), "mean_l2": mean_l2(real, synthetic),
             "mmd2": mmd2_rbf(real, synthetic, h), "mmd_bandwidth": h}

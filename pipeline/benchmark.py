@@ -28,12 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ops.metrics import GaussianReference
 from pipeline.evaluate import (
     StudentJob,
     add_student_arguments,
     load_distilled,
     load_test,
-    mean_std,
     parse_student_settings,
     resolve_features,
     run_student_jobs,
@@ -318,9 +318,8 @@ def run_benchmark(args) -> dict:
                 write_real_set(pool, sel, d)
 
     # 2. students and metrics, one cell per (method, IPC, seed, architecture)
-    test_x = test_y = real_features = None
+    test_x = test_y = real_features = reference = None
     jobs: list[StudentJob] = []
-    sets: dict[tuple, tuple] = {}
     metrics: dict[tuple, dict] = {}
     for name in methods:
         for ipc in ipcs:
@@ -329,8 +328,9 @@ def run_benchmark(args) -> dict:
                 images, labels, classes = load_distilled(d)
                 if test_x is None:
                     test_x, test_y = load_test(test_spec, classes, images.shape[1])
-                    real_features = extractor(test_x) if extractor is not None else None
-                sets[(name, ipc, seed)] = (images, labels, classes)
+                    if extractor is not None:
+                        real_features = extractor(test_x)
+                        reference = GaussianReference.of(real_features)  # the D x D work, once
                 for arch in archs:
                     recipe = asdict(recipe_for(args.profile, ipc, len(images), fast_steps=args.fast_steps,
                                                **{**overrides, "arch": arch}))
@@ -338,7 +338,8 @@ def run_benchmark(args) -> dict:
                     if load_cell(cell_path(out, name, ipc, seed, arch), key):
                         continue
                     if (name, ipc, seed) not in metrics:
-                        metrics[(name, ipc, seed)] = set_metrics(extractor, real_features, images) if extractor else {}
+                        metrics[(name, ipc, seed)] = (set_metrics(extractor, real_features, images, reference)
+                                                      if extractor else {})
                     jobs.append(StudentJob(f"{name}|{ipc}|{seed}|{arch}|{key}", images, labels, len(classes),
                                            recipe, seed))
     log(f"students: {len(jobs)} to train ({len(methods) * len(ipcs) * len(seeds) * len(archs) - len(jobs)} "
@@ -349,7 +350,8 @@ def run_benchmark(args) -> dict:
         ipc, seed = int(ipc), int(seed)
         cell = {"method": name, "ipc": ipc, "seed": seed, "arch": arch, "eval_key": key, "recipe": job.recipe,
                 "student": result, "metrics": metrics.get((name, ipc, seed), {}),
-                "n_images": int(len(job.labels)), "command": args.command_line, "distill_seconds": _distill_seconds(out, table[name], ipc, seed)}
+                "n_images": int(len(job.labels)), "command": args.command_line,
+                "distill_seconds": _distill_seconds(out, table[name], ipc, seed)}
         atomic_write_json(cell_path(out, name, ipc, seed, arch), cell)
         log(f"{name} IPC {ipc} seed {seed} {arch}: final top-1 {100 * result['final_top1']:.1f}% "
             f"(best epoch {100 * result['best_top1']:.1f}%), {result['seconds']:.0f}s")
@@ -479,7 +481,8 @@ def register(sub) -> None:
     p.add_argument("--out", default="runs/benchmark", help="output folder; rerunning resumes it")
     p.add_argument("--ipc", default="1,10,50", help="comma-separated IPCs")
     p.add_argument("--seeds", type=int, default=3, help="generation seeds 0..N-1 (each also seeds its student)")
-    p.add_argument("--methods", default="all", help=f"comma-separated methods or groups; methods: {', '.join(METHODS)}; "
+    p.add_argument("--methods", default="all",
+                   help=f"comma-separated methods or groups; methods: {', '.join(METHODS)}; "
                    f"groups: {', '.join(ALIASES)}")
     p.add_argument("--model", help="DiT hub id or folder (a built-in dataset brings its shipped prior)")
     p.add_argument("--vae", help="VAE hub id or folder")

@@ -186,10 +186,12 @@ def resolve_features(spec: str, test_spec: str):
     return load_extractor(spec)
 
 
-def set_metrics(extractor, real_features: np.ndarray, images: np.ndarray) -> dict:
+def set_metrics(extractor, real_features: np.ndarray, images: np.ndarray, reference=None) -> dict:
+    """Metrics of one set vs the real features; ``reference`` = ``GaussianReference.of(real_features)``
+    when many sets are compared with the same real set."""
     from ops.metrics import distribution_metrics  # noqa: PLC0415
 
-    values = distribution_metrics(real_features, extractor(images))
+    values = distribution_metrics(real_features, extractor(images), reference)
     return {**{k: round(v, 6) for k, v in values.items()}, "features": extractor.name,
             "n_real": int(len(real_features)), "n_synthetic": int(len(images))}
 

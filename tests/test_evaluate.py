@@ -182,9 +182,9 @@ def test_evaluate_command_writes_mean_and_std_over_seeds(tmp_path, ray_session):
 
     distilled, real = _folders(tmp_path)
     out = tmp_path / "eval.json"
-    code = main(["evaluate", "--distilled", str(distilled), "--test", str(real / "train"), "--seeds", "2", "--profile", "fast",
-                 "--fast-steps", "3", "--student", "width=8", "--arch", "convnet,resnetap10", "--features", "mnist10k",
-                 "--out", str(out)])
+    code = main(["evaluate", "--distilled", str(distilled), "--test", str(real / "train"), "--seeds", "2",
+                 "--profile", "fast", "--fast-steps", "3", "--student", "width=8", "--arch", "convnet,resnetap10",
+                 "--features", "mnist10k", "--out", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["n_distilled"] == 6 and report["n_test"] == 10  # class c of the test folder is not distilled

@@ -6,6 +6,7 @@ import pytest
 import scipy.linalg
 
 from ops.metrics import (
+    GaussianReference,
     distribution_metrics,
     fid,
     frechet_distance,
@@ -118,3 +119,17 @@ def test_mismatched_dimensions_raise():
         mean_l2(np.zeros((3, 2)), np.zeros((3, 4)))
     with pytest.raises(ValueError):
         frechet_distance(np.zeros(2), np.eye(2), np.zeros(3), np.eye(3))
+
+
+@pytest.mark.parametrize("n_synthetic", [1, 2, 7, 40])
+def test_fid_low_rank_path_and_reference_agree_with_the_full_formula(n_synthetic):
+    # n < D takes the n x n route, n >= D the D x D one; both must equal the plain formula (up to the
+    # round-off of square roots of near-zero eigenvalues of a rank-deficient covariance)
+    rng = np.random.default_rng(7)
+    real = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
+    syn = rng.normal(size=(n_synthetic, 16)) + 0.5
+    expected = frechet_distance(*gaussian_stats(real), *gaussian_stats(syn))
+    ref = GaussianReference.of(real)
+    assert fid(real, syn) == pytest.approx(expected, rel=1e-7)
+    assert fid(None, syn, ref) == pytest.approx(expected, rel=1e-7)
+    assert distribution_metrics(real, syn, ref)["fid"] == pytest.approx(expected, rel=1e-7)
