@@ -47,15 +47,20 @@ class PriorTrainConfig:
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6  # SD's weight on the per-image KL against the per-image summed L1
     vae: str = ""  # reuse a trained VAE folder instead of stage 1
+    standardize_latents: bool = True  # fold per-channel latent mean/std into the VAE's 1x1 convs
     # DiT: patch 2 on 8x8 latents -> 16 tokens
     hidden_size: int = 192
     num_heads: int = 3
     depth: int = 6
     patch_size: int = 2
     learned_variance: bool = True
+    shared_embedder: bool = True  # one timestep/class embedder for all blocks while training, as DiT
+    snr_gamma: float = 0.0  # > 0: min-SNR-gamma weighting of the epsilon MSE (0 = DiT's plain MSE)
     epochs: int = 60
-    batch_size: int = 128
-    lr: float = 4e-4
+    # Small batches: on a CPU the per-sample cost hardly changes with the batch size, and for a short
+    # run four times as many optimiser steps matter more than less noisy ones.
+    batch_size: int = 32
+    lr: float = 3e-4
     warmup_steps: int = 200
     ema_decay: float = 0.999
     label_dropout: float = 0.1
@@ -192,6 +197,53 @@ def disable_builtin_label_dropout(model) -> None:
             m.dropout_prob = 0.0
 
 
+def share_embedders_(model) -> None:
+    """Make every block use block 0's timestep + class embedder, as DiT's single ``t_embedder``/``y_embedder``.
+
+    diffusers gives each block its own copy (its DiT-XL/2 conversion duplicates the shared one), which
+    for a model trained from scratch means every block learns its own class table from its own gradient
+    alone. Sharing them while training and writing copies at save time (:func:`untied_copy`) gives a
+    standard diffusers checkpoint whose blocks hold identical embedders, like the converted DiT-XL/2.
+    """
+    shared = model.transformer_blocks[0].norm1.emb
+    for block in model.transformer_blocks[1:]:
+        block.norm1.emb = shared
+
+
+def untied_copy(model):
+    """A copy whose blocks own separate (identical) embedders, so ``save_pretrained`` sees no shared tensors."""
+    import copy  # noqa: PLC0415
+
+    out = copy.deepcopy(model)
+    for block in out.transformer_blocks[1:]:
+        block.norm1.emb = copy.deepcopy(out.transformer_blocks[0].norm1.emb)
+    return out
+
+
+def standardize_latents_(vae, mean, std) -> None:
+    """Fold a per-channel affine map into the VAE so that its latent channels have ``mean`` 0 and ``std`` 1.
+
+    The posterior mean and log-variance come out of ``quant_conv`` (1x1) and the decoder starts with
+    ``post_quant_conv`` (1x1), so z' = (z - mean) / std is absorbed exactly: the encoder's mean rows are
+    rescaled and shifted, the log-variance offset by -2 log std, and the decoder's first conv undoes it.
+    The decoded image of every latent is unchanged; the diffusion model sees balanced channels instead
+    of one scalar ``scaling_factor`` stretching channels whose spreads differ several-fold.
+    """
+    import torch  # noqa: PLC0415
+
+    c = vae.config.latent_channels
+    mean = mean.to(vae.quant_conv.weight.device, torch.float32)
+    std = std.to(vae.quant_conv.weight.device, torch.float32)
+    with torch.no_grad():
+        qw, qb = vae.quant_conv.weight, vae.quant_conv.bias  # (2c, 2c, 1, 1), (2c,)
+        qw[:c] /= std.view(c, 1, 1, 1)
+        qb[:c] = (qb[:c] - mean) / std
+        qb[c:] -= 2 * torch.log(std)
+        pw, pb = vae.post_quant_conv.weight, vae.post_quant_conv.bias  # (c, c, 1, 1), (c,)
+        pb += (pw[:, :, 0, 0] @ mean)
+        pw *= std.view(1, c, 1, 1)
+
+
 # ------------------------------------------------------------------------------------------- diffusion loss
 class DiffusionLoss:
     """DiT's training objective on one uniformly drawn timestep per sample.
@@ -203,7 +255,7 @@ class DiffusionLoss:
     so DiT's discretised likelihood does not apply).
     """
 
-    def __init__(self, train_steps: int, learned_variance: bool, device):
+    def __init__(self, train_steps: int, learned_variance: bool, device, snr_gamma: float = 0.0):
         import torch  # noqa: PLC0415
 
         from ops.schedule import linear_betas, schedule_from_betas  # noqa: PLC0415
@@ -221,6 +273,10 @@ class DiffusionLoss:
         self.coef2 = t32(s.posterior_mean_coef2)
         self.log_beta = t32(np.log(s.betas))
         self.log_beta_tilde = t32(s.posterior_log_variance_clipped)
+        # min-SNR-gamma (Hang et al. 2023) for epsilon prediction: weight min(SNR_t, gamma) / SNR_t,
+        # which caps the weight of the nearly clean steps; 1 everywhere when off.
+        snr = s.alphas_cumprod / (1.0 - s.alphas_cumprod)
+        self.mse_weight = t32(np.minimum(snr, snr_gamma) / snr if snr_gamma > 0 else np.ones_like(snr))
 
     def __call__(self, model, x0, labels, generator=None):
         """Mean loss over the batch at random timesteps and noise: (loss, mse, vb) as 0-d tensors."""
@@ -233,7 +289,7 @@ class DiffusionLoss:
         return loss, mse.detach().mean(), vb.detach().mean()
 
     def terms(self, model, x0, labels, t, noise):
-        """Per-sample (mse, vb) at the given timesteps and noise; vb is zero for a fixed-variance model."""
+        """Per-sample (weighted mse, vb) at the given timesteps and noise; vb is zero for a fixed-variance model."""
         import torch  # noqa: PLC0415
 
         n, channels = x0.shape[0], x0.shape[1]
@@ -244,7 +300,7 @@ class DiffusionLoss:
         x_t = at(self.sqrt_abar) * x0 + at(self.sqrt_one_minus_abar) * noise
         out = model(x_t, timestep=t, class_labels=labels).sample
         eps = out[:, :channels]
-        mse = (noise - eps).pow(2).mean(dim=(1, 2, 3))
+        mse = (noise - eps).pow(2).mean(dim=(1, 2, 3)) * self.mse_weight[t]
         if not self.learned_variance:
             return mse, torch.zeros_like(mse)
         frac = (out[:, channels:] + 1) / 2
@@ -428,6 +484,8 @@ def _train_dit(cfg, latents, labels, num_classes, device, rank, world, run: _Run
     torch.manual_seed(cfg.seed + 1)
     dit = build_transformer(cfg, num_classes, mean.shape[-1]).to(device)
     disable_builtin_label_dropout(dit)
+    if cfg.shared_embedder:
+        share_embedders_(dit)
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     opt = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
@@ -440,7 +498,7 @@ def _train_dit(cfg, latents, labels, num_classes, device, rank, world, run: _Run
         start = run.state["epoch"]
         _say(rank, f"resuming the DiT after epoch {start}")
     model = ray.train.torch.prepare_model(dit)
-    loss_fn = DiffusionLoss(cfg.train_steps, cfg.learned_variance, device)
+    loss_fn = DiffusionLoss(cfg.train_steps, cfg.learned_variance, device, cfg.snr_gamma)
     labels_t = torch.as_tensor(labels, device=device)
     steps_per_epoch = max(1, len(labels) // (cfg.batch_size * world))
     total = cfg.epochs * steps_per_epoch
@@ -530,6 +588,9 @@ def train_loop_per_worker(config: dict) -> None:
     vae.eval().requires_grad_(False)
 
     mean, std = _encode_all(vae, pixels, device)
+    if cfg.standardize_latents and run.state.get("stage") != "dit":  # (a resumed run has it folded in)
+        standardize_latents_(vae, mean.mean(dim=(0, 2, 3)), mean.std(dim=(0, 2, 3)))
+        mean, std = _encode_all(vae, pixels, device)
     shift = float(mean.mean())
     scale = float(1.0 / (mean - shift).std())  # posterior noise is tiny; the means carry the spread
     _say(rank, f"latents {tuple(mean.shape[1:])}: shift_factor {shift:.4f}, scaling_factor {scale:.4f}, "
@@ -545,7 +606,7 @@ def train_loop_per_worker(config: dict) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="prior-"))
         dtype = getattr(torch, cfg.save_dtype)
         vae.to("cpu", dtype).save_pretrained(tmp / "vae")
-        ema.to("cpu", dtype).save_pretrained(tmp / "transformer")
+        untied_copy(ema).to("cpu", dtype).save_pretrained(tmp / "transformer")
         (tmp / "training.json").write_text(json.dumps(
             {"config": asdict(cfg), "class_names": config["class_names"], "num_images": len(pixels),
              "workers": world, "device": str(device), "summary": summary, "history": run.history}, indent=1))
@@ -667,6 +728,8 @@ def register(subparsers) -> None:
     g.add_argument("--vae-batch-size", type=int, default=d.vae_batch_size)
     g.add_argument("--vae-lr", type=float, default=d.vae_lr)
     g.add_argument("--vae-kl-weight", type=float, default=d.vae_kl_weight)
+    g.add_argument("--no-standardize-latents", dest="standardize_latents", action="store_false",
+                   help="keep the VAE's raw latent channels (only the scalar scaling/shift factors)")
     g = p.add_argument_group("DiT")
     g.add_argument("--hidden-size", type=int, default=d.hidden_size)
     g.add_argument("--num-heads", type=int, default=d.num_heads)
@@ -674,6 +737,9 @@ def register(subparsers) -> None:
     g.add_argument("--patch-size", type=int, default=d.patch_size)
     g.add_argument("--fixed-variance", dest="learned_variance", action="store_false",
                    help="predict epsilon only (out_channels = in_channels) instead of DiT's learned variance")
+    g.add_argument("--no-shared-embedder", dest="shared_embedder", action="store_false",
+                   help="train each block's own timestep/class embedder (diffusers' layout) instead of one")
+    g.add_argument("--snr-gamma", type=float, default=d.snr_gamma, help="min-SNR-gamma loss weight; 0 = off")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch (split over workers)")
     g.add_argument("--lr", type=float, default=d.lr)

@@ -115,6 +115,64 @@ def test_builtin_label_dropout_is_replaced_by_the_loops_own():
     assert torch.equal(a, b)
 
 
+def test_min_snr_weight_caps_only_the_nearly_clean_steps():
+    plain = tp.DiffusionLoss(1000, learned_variance=False, device="cpu")
+    weighted = tp.DiffusionLoss(1000, learned_variance=False, device="cpu", snr_gamma=5.0)
+    assert torch.all(plain.mse_weight == 1)
+    w = weighted.mse_weight
+    snr = weighted.sqrt_abar ** 2 / weighted.sqrt_one_minus_abar ** 2
+    assert torch.all(w[snr <= 5] == 1) and torch.all(w[snr > 5] < 1) and w[0] < 0.01
+    x0, noise = _batch()
+
+    def model(x_t, timestep, class_labels):
+        return SimpleNamespace(sample=torch.zeros_like(x_t))
+
+    t = torch.tensor([0, 10, 100, 300, 500, 700, 900, 999])
+    m_plain, _ = plain.terms(model, x0, None, t, noise)
+    m_weighted, _ = weighted.terms(model, x0, None, t, noise)
+    assert torch.allclose(m_weighted, m_plain * w[t])
+
+
+def test_standardizing_latents_keeps_every_decoded_image_and_balances_channels():
+    torch.manual_seed(0)
+    vae = tp.build_vae(_tiny_cfg()).eval()
+    x = torch.rand(32, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        z = before.mean * torch.tensor([0.2, 1.0, 3.0, 0.5]).view(1, 4, 1, 1)  # arbitrary latents
+        image = vae.decode(z).sample
+        mean_c, std_c = before.mean.mean(dim=(0, 2, 3)), before.mean.std(dim=(0, 2, 3))
+        tp.standardize_latents_(vae, mean_c, std_c)
+        after = vae.encode(x).latent_dist
+        same_image = vae.decode((z - mean_c.view(1, 4, 1, 1)) / std_c.view(1, 4, 1, 1)).sample
+    assert torch.allclose(after.mean.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5)
+    assert torch.allclose(after.mean.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4)
+    assert torch.allclose(after.std * std_c.view(1, 4, 1, 1), before.std, rtol=1e-4)
+    assert torch.allclose(same_image, image, atol=1e-4)
+
+
+def test_shared_embedder_is_one_module_and_saves_as_identical_copies(tmp_path):
+    from diffusers import DiTTransformer2DModel
+
+    model = tp.build_transformer(_tiny_cfg(depth=3), num_classes=10, latent_size=4)
+    n_separate = sum(p.numel() for p in model.parameters())
+    tp.share_embedders_(model)
+    blocks = model.transformer_blocks
+    assert blocks[2].norm1.emb is blocks[0].norm1.emb
+    assert sum(p.numel() for p in model.parameters()) < n_separate  # one table trained, not three
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # as after training: non-zero everywhere
+    copy = tp.untied_copy(model)
+    assert copy.transformer_blocks[2].norm1.emb is not copy.transformer_blocks[0].norm1.emb
+    copy.save_pretrained(tmp_path / "t")
+    loaded = DiTTransformer2DModel.from_pretrained(tmp_path / "t").eval()
+    x, t, y = torch.randn(3, *LATENT), torch.tensor([3, 300, 900]), torch.tensor([1, 5, 10])
+    with torch.no_grad():
+        assert torch.allclose(loaded(x, timestep=t, class_labels=y).sample,
+                              model.eval()(x, timestep=t, class_labels=y).sample, atol=1e-6)
+
+
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
     rates = [tp._lr_at(s, 100, 1.0, 10) for s in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
