@@ -69,6 +69,7 @@ class PriorTrainConfig:
     workers: int = 1
     address: str = ""  # Ray cluster to join; "" = $RAY_ADDRESS, else a private local instance
     cpus_per_worker: int = 0  # 0: the cluster's CPUs / workers
+    torch_threads: int = 0  # 0: cpus_per_worker. On a busy machine 1 avoids OpenMP threads waiting on each other
     use_gpu: str = "auto"  # auto | yes | no
     storage_path: str = ""  # Ray Train checkpoint storage (shared storage on a multi-node cluster)
     save_dtype: str = "float32"  # float32 | float16 (halves the folder; loads back as float32)
@@ -376,6 +377,11 @@ class _Run:
                     self.state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=False)
                     self.history = self.state.get("history", [])
 
+    def stage_summary(self, stage: str) -> tuple[dict, float]:
+        """(the last epoch's row, total seconds) of a stage, over every invocation of a resumed run."""
+        rows = [r for r in self.history if r["stage"] == stage]
+        return (rows[-1] if rows else {}), sum(r.get("seconds", 0.0) for r in rows)
+
     def epoch_done(self, row: dict, state_fn=None, force: bool = False) -> None:
         import ray.train  # noqa: PLC0415
         import torch  # noqa: PLC0415
@@ -408,9 +414,9 @@ def _train_vae(cfg, pixels, device, rank, world, run: _Run):
     steps_per_epoch = max(1, len(pixels) // (cfg.vae_batch_size * world))
     total = cfg.vae_epochs * steps_per_epoch
     pixels_per_image = 3 * cfg.image_size ** 2
-    step, t0, last = start * steps_per_epoch, time.perf_counter(), {}
+    step, t0 = start * steps_per_epoch, time.perf_counter()
     for epoch in range(start, cfg.vae_epochs):
-        meter = _Meter()
+        meter, t_epoch = _Meter(), time.perf_counter()
         # The batch order of an epoch depends on (seed, stage, epoch) only, so a resumed run sees the same.
         for idx in _batches(len(pixels), cfg.vae_batch_size, rank, world, np.random.default_rng([cfg.seed, 0, epoch])):
             x = _to_model_range(pixels[idx], device)
@@ -433,14 +439,15 @@ def _train_vae(cfg, pixels, device, rank, world, run: _Run):
                 m = meter.means()
                 _say(rank, f"vae step {step}/{total} epoch {epoch + 1} l1 {m['l1']:.4f} kl {m['kl']:.1f} "
                            f"({(step - start * steps_per_epoch) / (time.perf_counter() - t0):.2f} it/s)")
-        last = meter.means()
         run.epoch_done(
-            {"stage": "vae", "epoch": epoch + 1, "step": step, **last},
+            {"stage": "vae", "epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t_epoch,
+             **meter.means()},
             lambda: {"stage": "vae", "epoch": epoch + 1, "vae": vae.state_dict(), "vae_opt": opt.state_dict(),
                      "torch_rng": torch.get_rng_state()},
             force=epoch + 1 == cfg.vae_epochs)
+    last, seconds = run.stage_summary("vae")
     return vae, {"vae_final_epoch_l1": last.get("l1"), "vae_final_epoch_kl": last.get("kl"),
-                 "vae_steps": step, "vae_seconds": time.perf_counter() - t0}
+                 "vae_steps": step, "vae_seconds": seconds}
 
 
 def _allreduce_grads(model) -> None:
@@ -502,9 +509,9 @@ def _train_dit(cfg, latents, labels, num_classes, device, rank, world, run: _Run
     labels_t = torch.as_tensor(labels, device=device)
     steps_per_epoch = max(1, len(labels) // (cfg.batch_size * world))
     total = cfg.epochs * steps_per_epoch
-    step, t0, last = start * steps_per_epoch, time.perf_counter(), {}
+    step, t0 = start * steps_per_epoch, time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        meter = _Meter()
+        meter, t_epoch = _Meter(), time.perf_counter()
         for idx in _batches(len(labels), cfg.batch_size, rank, world, np.random.default_rng([cfg.seed, 1, epoch])):
             idx_t = torch.as_tensor(idx, device=device)
             # A fresh posterior sample each time (DiT samples the SD posterior), then shift and scale.
@@ -531,16 +538,16 @@ def _train_dit(cfg, latents, labels, num_classes, device, rank, world, run: _Run
                 m = meter.means()
                 _say(rank, f"dit step {step}/{total} epoch {epoch + 1} loss {m['loss']:.4f} mse {m['mse']:.4f} "
                            f"vb {m['vb']:.4f} ({(step - start * steps_per_epoch) / (time.perf_counter() - t0):.2f} it/s)")
-        last = meter.means()
         gens = _gather_generator_states(gen, world)
         run.epoch_done(
-            {"stage": "dit", "epoch": epoch + 1, "step": step, **last},
+            {"stage": "dit", "epoch": epoch + 1, "step": step, "seconds": time.perf_counter() - t_epoch,
+             **meter.means()},
             lambda: {"stage": "dit", "epoch": epoch + 1, "dit": dit.state_dict(), "ema": ema.state_dict(),
                      "dit_opt": opt.state_dict(), "generators": gens},
             force=epoch + 1 == cfg.epochs)
+    last, seconds = run.stage_summary("dit")
     return ema, {"dit_final_epoch_loss": last.get("loss"), "dit_final_epoch_mse": last.get("mse"),
-                 "dit_final_epoch_vb": last.get("vb"), "dit_steps": step,
-                 "dit_seconds": time.perf_counter() - t0}
+                 "dit_final_epoch_vb": last.get("vb"), "dit_steps": step, "dit_seconds": seconds}
 
 
 def _gather_generator_states(gen, world: int) -> list:
@@ -634,7 +641,8 @@ def run_name(cfg: PriorTrainConfig) -> str:
     """The same training settings give the same name, which is what lets a rerun resume."""
     import hashlib  # noqa: PLC0415
 
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "storage_path", "address", "log_every")}
+    ignored = ("out", "storage_path", "address", "log_every", "torch_threads")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     return "train-prior-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -670,7 +678,7 @@ def train_prior(cfg: PriorTrainConfig) -> dict:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "pixels": ray.put(pixels), "labels": ray.put(labels),
-                           "class_names": class_names, "threads": 0 if use_gpu else cpus},
+                           "class_names": class_names, "threads": 0 if use_gpu else (cfg.torch_threads or cpus)},
         scaling_config=scaling,
         run_config=RunConfig(name=name, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
@@ -750,6 +758,8 @@ def register(subparsers) -> None:
     g.add_argument("--workers", type=int, default=d.workers)
     g.add_argument("--address", default="", help="Ray cluster address (default: $RAY_ADDRESS, else a new local one)")
     g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker, help="0: cluster CPUs / workers")
+    g.add_argument("--torch-threads", type=int, default=d.torch_threads,
+                   help="torch threads per CPU worker (0: its CPUs; 1 is faster on a machine busy with other work)")
     g.add_argument("--use-gpu", choices=("auto", "yes", "no"), default=d.use_gpu)
     g.add_argument("--storage-path", default="", help="Ray Train storage (default OUT/.ray_train, removed after)")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
