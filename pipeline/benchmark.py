@@ -199,11 +199,23 @@ def distill_args(args, method: Method, ipc: int, seed: int, out: Path) -> list[s
     return argv
 
 
-def share_latents(done: list[Path], target: Path) -> None:
-    """Hard-link the encoded latents of a finished run into a new run folder (copy across filesystems)."""
+def latent_key(cfg_dict: dict) -> str:
+    """What the encoded latents depend on: the data section and the model section (VAE, dtype, revision)."""
+    return json.dumps({"data": cfg_dict["data"], "model": cfg_dict["model"]}, sort_keys=True)
+
+
+def share_latents(out_root: Path, target: Path, key: str) -> None:
+    """Hard-link (or copy across filesystems) the encoded latents of any finished run under
+    ``out_root/distill`` whose data and model match ``key`` into a new run folder, so that the training
+    set is encoded once per benchmark. A folder made with another model or data is never a source."""
     if (target / "_work" / "latents" / "_DONE").exists():
         return
-    src = next((d / "_work" / "latents" for d in done if (d / "_work" / "latents" / "_DONE").exists()), None)
+    src = None
+    for stamp in sorted(out_root.glob("distill/*/*/_work/config.json")):
+        work = stamp.parent
+        if (work / "latents" / "_DONE").exists() and latent_key(json.loads(stamp.read_text())["config"]) == key:
+            src = work / "latents"
+            break
     if src is None:
         return
 
@@ -216,30 +228,34 @@ def share_latents(done: list[Path], target: Path) -> None:
     shutil.copytree(src, target / "_work" / "latents", copy_function=link, dirs_exist_ok=True)
 
 
-def distill_finished(args, method: Method, ipc: int, seed: int, out: Path) -> bool:
-    """The folder holds a completed run (run.json written last) of exactly this config. A folder of another
-    config is not skipped: distill then refuses it, rather than the benchmark reusing stale images."""
+def resolved_config(args, method: Method, ipc: int, seed: int, out: Path):
     from pipeline.cli import build_parser  # noqa: PLC0415
     from pipeline.distill import resolve_config  # noqa: PLC0415
 
+    return resolve_config(build_parser().parse_args(distill_args(args, method, ipc, seed, out)))
+
+
+def distill_finished(args, method: Method, ipc: int, seed: int, out: Path) -> bool:
+    """The folder holds a completed run (run.json written last) of exactly this config. A folder of another
+    config is not skipped: distill then refuses it, rather than the benchmark reusing stale images."""
     stamp = out / "_work" / "config.json"
     if not ((out / "run.json").exists() and stamp.exists()):
         return False
-    cfg = resolve_config(build_parser().parse_args(distill_args(args, method, ipc, seed, out)))
-    return json.loads(stamp.read_text()).get("config_hash") == cfg.config_hash()
+    expected = resolved_config(args, method, ipc, seed, out).config_hash()
+    return json.loads(stamp.read_text()).get("config_hash") == expected
 
 
-def run_distill(args, method: Method, ipc: int, seed: int, out: Path, done: list[Path]) -> float:
+def run_distill(args, method: Method, ipc: int, seed: int, out: Path) -> float:
     from pipeline.cli import main as cli_main  # noqa: PLC0415
 
-    if args.share_latents and not any(s.startswith("data.hflip=") for s in args.set):
-        share_latents(done, out)
+    cfg = resolved_config(args, method, ipc, seed, out)
+    if args.share_latents and not cfg.data.hflip:  # flipped latents depend on the seed: never shared
+        share_latents(Path(args.out), out, latent_key(cfg.hashed_dict()))
     start = time.perf_counter()
     code = cli_main(distill_args(args, method, ipc, seed, out))
     if code:
         raise RuntimeError(f"distill failed (exit {code}) for {method.name} IPC {ipc} seed {seed}: "
                            f"manifoldgd {' '.join(distill_args(args, method, ipc, seed, out))}")
-    done.append(out)
     return time.perf_counter() - start
 
 
@@ -288,9 +304,6 @@ def run_benchmark(args) -> dict:
     init_ray()
 
     # 1. the sets: distill runs, then the real baselines (k-means-nearest needs the MGD3 run's plan)
-    done_dirs = [set_dir(out, table[m], i, s) for m in methods for i in ipcs for s in seeds
-                 if table[m].kind == "distill"]
-    done_dirs = [d for d in done_dirs if (d / "_work" / "latents" / "_DONE").exists()]
     for ipc in ipcs:
         for seed in seeds:
             for name in methods:
@@ -301,7 +314,7 @@ def run_benchmark(args) -> dict:
                 if distill_finished(args, m, ipc, seed, d):
                     continue
                 log(f"distill {name} IPC {ipc} seed {seed}")
-                timings[f"distill/{name}/ipc{ipc}_seed{seed}"] = round(run_distill(args, m, ipc, seed, d, done_dirs), 1)
+                timings[f"distill/{name}/ipc{ipc}_seed{seed}"] = round(run_distill(args, m, ipc, seed, d), 1)
     size = _image_size(out, [table[m] for m in methods], ipcs, seeds, args)
     pool = None
     for name in ("random", "kmeans_real"):

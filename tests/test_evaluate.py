@@ -278,6 +278,30 @@ def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
     assert "| DiT (no guidance) | not run |" in table and "Random real" in table
 
 
+def test_latents_are_shared_only_between_runs_of_the_same_data_and_model(tmp_path):
+    from pipeline.benchmark import latent_key, share_latents
+
+    def finished_run(name, model):
+        work = tmp_path / "out" / "distill" / name / "ipc1_seed0" / "_work"
+        (work / "latents" / "class_name=a").mkdir(parents=True)
+        (work / "latents" / "class_name=a" / "part.parquet").write_text(model)
+        (work / "latents" / "_DONE").write_text("ok\n")
+        cfg = {"data": {"path": "d", "hflip": False}, "model": {"model": model, "vae": ""}, "ipc": 1}
+        (work / "config.json").write_text(json.dumps({"config_hash": name, "config": cfg}))
+        return cfg
+
+    cfg_a = finished_run("a", "prior-A")
+    target = tmp_path / "out" / "distill" / "new" / "ipc1_seed1"
+    other = {**cfg_a, "model": {"model": "prior-B", "vae": ""}}
+    share_latents(tmp_path / "out", target, latent_key(other))
+    assert not (target / "_work" / "latents").exists()  # another model's latents are never borrowed
+    share_latents(tmp_path / "out", target, latent_key({**cfg_a, "ipc": 50}))  # IPC does not matter
+    copied = target / "_work" / "latents" / "class_name=a" / "part.parquet"
+    source = tmp_path / "out" / "distill" / "a" / "ipc1_seed0" / "_work" / "latents" / "class_name=a" / "part.parquet"
+    assert copied.read_text() == "prior-A" and copied.stat().st_ino == source.stat().st_ino  # hard link
+    assert (target / "_work" / "latents" / "_DONE").exists()
+
+
 def test_report_marks_missing_cells(tmp_path):
     from pipeline import report
 
