@@ -159,6 +159,8 @@ def _save_sheet(rows: list[np.ndarray], path: Path) -> None:
 def _command(args) -> int:
     from pipeline.model_refs import resolve  # noqa: PLC0415
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     report = measure_prior_quality(resolve(args.prior), args.data, n_per_class=args.n_per_class,
                                    cfg_scale=args.cfg_scale, num_steps=args.num_steps, seed=args.seed,
                                    classifier_epochs=args.classifier_epochs, samples_out=args.samples)
@@ -187,6 +189,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--classifier-epochs", type=int, default=4)
     p.add_argument("--min-fraction", type=float, default=0.9)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: torch's default; 1 is faster on a machine busy with other work)")
     p.add_argument("--samples", default="", help="write a contact sheet of samples (one row per class) here")
     p.add_argument("--json", default="", help="write the report as JSON here")
     p.set_defaults(func=_command)
