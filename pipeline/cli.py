@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "pipeline.distill",
     "pipeline.datasets",
     "pipeline.train_prior",
+    "pipeline.prior_quality",
     "pipeline.evaluate",
     "pipeline.demo",
 )

@@ -19,7 +19,8 @@ def test_help_and_version(capsys):
     assert exc.value.code == 0 and "manifoldgd 0.1.0" in capsys.readouterr().out
     assert main([]) == 0
     out = capsys.readouterr().out
-    for command in ("distill", "print-config", "export-dataset", "train-prior", "demo"):
+    for command in ("distill", "print-config", "export-dataset", "train-prior", "prior-quality", "evaluate",
+                    "benchmark", "demo"):
         assert command in out
 
 
