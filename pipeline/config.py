@@ -109,10 +109,17 @@ class DistillConfig:
         return dataclasses.asdict(self)
 
     def hashed_dict(self) -> dict:
-        """What decides the output bytes: everything but ``runtime`` and the output path."""
+        """What decides the output bytes: everything but ``runtime`` and the output path, plus a digest of
+        the model's files where the model is a built-in or local folder (its name does not change when it
+        is retrained)."""
+        from pipeline.model_refs import model_fingerprint  # noqa: PLC0415 - model_refs imports this module
+
         d = self.to_dict()
         d.pop("runtime")
         d.pop("out")
+        fingerprint = model_fingerprint(self.model)
+        if fingerprint:
+            d["model"]["fingerprint"] = fingerprint
         return d
 
     def config_hash(self) -> str:

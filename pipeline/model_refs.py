@@ -5,6 +5,7 @@ it stays symbolic in the config so that the config hash does not depend on where
 """
 from __future__ import annotations
 
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -81,3 +82,43 @@ def prior_info(model: ModelConfig) -> tuple[int, int]:
     sample = tconf["sample_size"]
     sample = sample if isinstance(sample, int) else sample[0]
     return int(sample) * 2 ** (len(vconf["block_out_channels"]) - 1), int(tconf["num_embeds_ada_norm"] or 0)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".json")
+_digest_cache: dict[tuple, str] = {}
+
+
+def _folder_digest(folder: Path) -> str:
+    """sha256 over every weight and config file under a local model folder (names, sizes, contents).
+
+    Cached per process by (path, size, mtime) of each file, so the sampling actors that hash their
+    config pay for it once."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    key = (str(folder),) + tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    if key not in _digest_cache:
+        h = hashlib.sha256()
+        for p in files:
+            h.update(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\0".encode())
+            with open(p, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        _digest_cache[key] = h.hexdigest()[:16]
+    return _digest_cache[key]
+
+
+def model_fingerprint(model: ModelConfig) -> str:
+    """What the model *references* do not say: the content of built-in and local model folders.
+
+    A retrained ``builtin:mnist10k`` (or a local folder overwritten in place) keeps its name, so the name
+    alone would let an old output folder resume as finished. Hub ids are left to ``revision``."""
+    parts = []
+    for ref in (model.model, model.vae):
+        if not ref:
+            continue
+        try:
+            path = Path(resolve(ref))
+        except ConfigError:
+            path = None  # reported by check_model with a better message
+        parts.append(_folder_digest(path) if path is not None and path.is_dir() else "")
+    return ":".join(parts) if any(parts) else ""

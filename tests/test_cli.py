@@ -50,6 +50,22 @@ def test_hash_ignores_runtime_but_not_method_knobs():
         assert build_config(change).config_hash() != base.config_hash()
 
 
+def test_hash_follows_the_weights_of_a_local_model_folder(tmp_path):
+    """A prior retrained in place keeps its path; the hash must still change, or an old output folder
+    would resume as finished with images from the old weights."""
+    from conftest import save_tiny_prior
+
+    folder = save_tiny_prior(tmp_path / "prior", seed=0)
+    cfg = build_config({"model": {"model": str(folder), "vae": ""}})
+    first = cfg.config_hash()
+    assert cfg.hashed_dict()["model"]["fingerprint"]
+    assert build_config({"model": {"model": str(folder), "vae": ""}}).config_hash() == first  # stable
+    save_tiny_prior(folder, seed=1)  # retrained in place: same path, other weights
+    assert build_config({"model": {"model": str(folder), "vae": ""}}).config_hash() != first
+    # hub ids are pinned by `revision` instead; their hash does not look at the disk
+    assert "fingerprint" not in DistillConfig().hashed_dict()["model"]
+
+
 def test_parse_set_types():
     assert parse_set(["a.b=1", "c=x", "d=true", "e=0.5"]) == {"a": {"b": 1}, "c": "x", "d": True, "e": 0.5}
 
