@@ -634,7 +634,24 @@ def init_ray(address: str = "") -> None:
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS", "") or "local"
-    ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+    # Ray Train re-routes print() in its workers to a logger *and* to Ray's wrapped stdout: every progress
+    # line would reach the console twice.
+    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    if address == "local":
+        # A private instance runs without the dashboard, so Ray Train's placement-group cleaner cannot reach
+        # the state API and warns about it once a second. It has nothing to clean: the instance ends with
+        # this process. (On a real cluster the dashboard is up and the cleaner works.)
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
+                 runtime_env={"env_vars": env, "worker_process_setup_hook": "pipeline.train_prior.quiet_worker"})
+    else:  # a cluster's jobs carry their own runtime_env (ray job submit, KubeRay); leave it alone
+        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
+
+
+def quiet_worker() -> None:
+    """Worker setup hook of a private instance (see init_ray)."""
+    import logging  # noqa: PLC0415
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def run_name(cfg: PriorTrainConfig) -> str:

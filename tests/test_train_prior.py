@@ -228,6 +228,29 @@ def test_train_prior_through_ray_train_writes_a_loadable_prior(tmp_path, ray_ses
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
 
 
+@pytest.mark.slow
+def test_train_prior_command_prints_each_progress_line_once(tmp_path):
+    """The command on its own private Ray instance: Ray Train's print patch used to echo every worker line
+    twice, and its placement-group cleaner warned once a second that the state API was unreachable."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, "-m", "pipeline", "train-prior", "--data", "mnist10k", "--out",
+                        str(tmp_path / "p"), "--subset", "64", "--vae-epochs", "1", "--epochs", "1",
+                        "--vae-batch-size", "32", "--batch-size", "32", "--warmup-steps", "1", "--log-every", "1",
+                        "--use-gpu", "no", "--torch-threads", "1"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    progress = [line.split("[train-prior", 1)[1] for line in out.splitlines() if "step" in line and "[train-prior" in line]
+    assert progress, out[-2000:]
+    assert len(progress) == len(set(progress)), "a progress line was printed twice"
+    assert "State API may be temporarily unavailable" not in out
+    assert (tmp_path / "p" / "transformer").is_dir()
+
+
 SHIPPED = Path(str(resources.files("pipeline").joinpath("priors", "mnist10k")))
 
 
