@@ -91,9 +91,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         try:
             resolve(f"builtin:{args.data}")
         except ConfigError:
-            print(f"manifoldgd demo: the built-in {args.data} prior is not part of this build yet. Train it "
-                  f"(about an hour on 2 CPU cores) with\n  manifoldgd train-prior --data {args.data} "
-                  f"--out pipeline/priors/{args.data}\nthen run the demo again, or pass "
+            print(f"manifoldgd demo: the built-in {args.data} prior is missing from this install. Train it "
+                  f"(about 40 minutes on 2 CPU cores) with\n  manifoldgd train-prior --data {args.data} "
+                  f"--out pipeline/priors/{args.data} --torch-threads 1\nthen run the demo again, or pass "
                   "--set model.model=FOLDER --set model.vae= to use another prior.", file=sys.stderr)
             return 2
     code = cli_main(["distill", "--data", args.data, "--out", str(out), "--ipc", str(args.ipc),
