@@ -64,10 +64,27 @@ def resolve_config(args: argparse.Namespace) -> DistillConfig:
     cfg = build_config(from_file, flags, overrides)
     model_given = any("model" in layer.get("model", {}) for layer in (from_file, flags, overrides))
     if not model_given and _builtin_prior(cfg.data.path):
+        # The shipped prior's own tuned settings sit just above the defaults: a file, a flag or --set wins.
+        tuned = prior_defaults(cfg.data.path, cfg.sampler.guidance)
+        if tuned:
+            cfg = build_config(tuned, from_file, flags, overrides)
         cfg.model.model = f"builtin:{cfg.data.path}"
         if not any("vae" in layer.get("model", {}) for layer in (from_file, flags, overrides)):
             cfg.model.vae = ""
     return cfg
+
+
+def prior_defaults(name: str, guidance: str) -> dict:
+    """Settings tuned for a built-in prior, per guidance mode (``priors/<name>/distill_defaults.yaml``).
+
+    The published defaults were chosen for DiT-XL/2's 4,096-d latents; a small prior's latent space can
+    want others. Only a setting that won on held-out seeds goes in that file (docs/evaluation.md)."""
+    from importlib import resources  # noqa: PLC0415
+
+    path = Path(str(resources.files("pipeline").joinpath("priors", name, "distill_defaults.yaml")))
+    if not path.is_file():
+        return {}
+    return (load_yaml(str(path)) or {}).get(guidance, {}) or {}
 
 
 def _builtin_prior(name: str) -> bool:

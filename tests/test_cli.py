@@ -66,6 +66,36 @@ def test_hash_follows_the_weights_of_a_local_model_folder(tmp_path):
     assert "fingerprint" not in DistillConfig().hashed_dict()["model"]
 
 
+def test_builtin_prior_brings_its_tuned_settings_below_the_users(tmp_path):
+    """--data mnist10k uses the shipped prior and, for manifold guidance only, the settings tuned for it;
+    a config file, a flag or --set still wins, and another model gets the published defaults."""
+    import argparse
+
+    from pipeline.cli import build_parser
+    from pipeline.distill import prior_defaults, resolve_config
+
+    tuned = prior_defaults("mnist10k", "manifold")
+    assert tuned, "pipeline/priors/mnist10k/distill_defaults.yaml is missing"
+    published = DistillConfig()
+
+    def cfg(*argv):
+        args = build_parser().parse_args(["distill", "--data", "mnist10k", "--out", str(tmp_path / "o"), *argv])
+        assert isinstance(args, argparse.Namespace)
+        return resolve_config(args)
+
+    plain = cfg()
+    assert plain.model.model == "builtin:mnist10k"
+    assert plain.tangent.dim == tuned["tangent"]["dim"] != published.tangent.dim
+    assert plain.sampler.guidance_scale == tuned["sampler"]["guidance_scale"] != published.sampler.guidance_scale
+    assert cfg("--guidance", "mode").sampler.guidance_scale == published.sampler.guidance_scale  # MGD3 untouched
+    assert cfg("--set", "sampler.guidance_scale=0.05").sampler.guidance_scale == 0.05  # --set wins
+    preset = tmp_path / "p.yaml"
+    preset.write_text(yaml.safe_dump({"tangent": {"dim": 5}}))
+    assert cfg("--config", str(preset)).tangent.dim == 5  # a file wins
+    other = cfg("--model", str(tmp_path / "elsewhere"))
+    assert other.tangent.dim == published.tangent.dim and other.sampler.guidance_scale == published.sampler.guidance_scale
+
+
 def test_parse_set_types():
     assert parse_set(["a.b=1", "c=x", "d=true", "e=0.5"]) == {"a": {"b": 1}, "c": "x", "d": True, "e": 0.5}
 
