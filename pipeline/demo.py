@@ -82,20 +82,16 @@ def evaluate_against_random(distilled_dir: Path, dataset: str, ipc: int, seeds: 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.cli import main as cli_main  # noqa: PLC0415
 
-    from pipeline.config import ConfigError  # noqa: PLC0415
-    from pipeline.model_refs import resolve  # noqa: PLC0415
+    from pipeline.distill import _builtin_prior  # noqa: PLC0415
 
     out = Path(args.out)
     start = time.perf_counter()
-    if not any(s.startswith("model.model=") for s in args.set):
-        try:
-            resolve(f"builtin:{args.data}")
-        except ConfigError:
-            print(f"manifoldgd demo: the built-in {args.data} prior is missing from this install. Train it "
-                  f"(about 40 minutes on 2 CPU cores) with\n  manifoldgd train-prior --data {args.data} "
-                  f"--out pipeline/priors/{args.data} --torch-threads 1\nthen run the demo again, or pass "
-                  "--set model.model=FOLDER --set model.vae= to use another prior.", file=sys.stderr)
-            return 2
+    if not any(s.startswith("model.model=") for s in args.set) and not _builtin_prior(args.data):
+        print(f"manifoldgd demo: the built-in {args.data} prior is missing from this install. Train it "
+              f"(about 40 minutes on 2 CPU cores) with\n  manifoldgd train-prior --data {args.data} "
+              f"--out pipeline/priors/{args.data} --torch-threads 1\nthen run the demo again, or pass "
+              "--set model.model=FOLDER --set model.vae= to use another prior.", file=sys.stderr)
+        return 2
     code = cli_main(["distill", "--data", args.data, "--out", str(out), "--ipc", str(args.ipc),
                      "--guidance", "manifold", *sum((["--set", s] for s in args.set), [])])
     if code:

@@ -79,9 +79,9 @@ def prior_defaults(name: str, guidance: str) -> dict:
 
     The published defaults were chosen for DiT-XL/2's 4,096-d latents; a small prior's latent space can
     want others. Only a setting that won on held-out seeds goes in that file (docs/evaluation.md)."""
-    from importlib import resources  # noqa: PLC0415
+    from pipeline.model_refs import BUILTIN, resolve  # noqa: PLC0415
 
-    path = Path(str(resources.files("pipeline").joinpath("priors", name, "distill_defaults.yaml")))
+    path = Path(resolve(BUILTIN + name)) / "distill_defaults.yaml"
     if not path.is_file():
         return {}
     return (load_yaml(str(path)) or {}).get(guidance, {}) or {}
@@ -270,8 +270,8 @@ def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: Outp
         n_actors, options, threads = max(1, int(ray.cluster_resources().get("CPU", 1))), {"num_cpus": 1}, 1
     n_actors = min(cfg.runtime.sample_actors or n_actors, len(todo))
     actor_cls = ray.remote(ClassSampler).options(**options)
-    cfg_dict = cfg.to_dict()
-    idle = [actor_cls.remote(cfg_dict, threads) for _ in range(n_actors)]
+    cfg_dict, digest = cfg.to_dict(), cfg.config_hash()
+    idle = [actor_cls.remote(cfg_dict, threads, digest) for _ in range(n_actors)]
     in_flight: dict = {}
     attempts: dict[str, int] = {}
     results, total, start = [], len(todo), time.perf_counter()
@@ -295,7 +295,7 @@ def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: Outp
             # Replace the actor only where it can be placed now (or when none is left): a replacement
             # that waits for resources held by idle actors would be handed work and never run it.
             if live == 0 or _fits(options):
-                idle.insert(0, actor_cls.remote(cfg_dict, threads))
+                idle.insert(0, actor_cls.remote(cfg_dict, threads, digest))
             continue
         idle.append(actor)
         if not todo:  # nothing left to hand out: free the resources for any actor still waiting for them

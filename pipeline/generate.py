@@ -40,7 +40,7 @@ def sampler_config(cfg: DistillConfig):
 class ClassSampler:
     """Holds the prior; ``run_class`` writes one complete class. Used as a Ray actor and in-process."""
 
-    def __init__(self, cfg_dict: dict, threads: int = 0):
+    def __init__(self, cfg_dict: dict, threads: int = 0, config_hash: str = ""):
         import torch  # noqa: PLC0415
 
         from pipeline.model_refs import load_model  # noqa: PLC0415
@@ -51,7 +51,9 @@ class ClassSampler:
         self.cfg = build_config(cfg_dict)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.sampler = GuidedSampler(load_model(self.cfg.model, self.device), sampler_config(self.cfg))
-        self.hash = self.cfg.config_hash()
+        # The driver passes the hash it stamped the output folder with: recomputing it here would read a
+        # local model folder's weights once more per actor (the hash covers their digest).
+        self.hash = config_hash or self.cfg.config_hash()
 
     def node_id(self) -> str:
         import ray  # noqa: PLC0415

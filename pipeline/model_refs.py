@@ -93,13 +93,13 @@ def _folder_digest(folder: Path) -> str:
 
     Cached per process by (path, size, mtime) of each file, so the sampling actors that hash their
     config pay for it once."""
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    key = (str(folder),) + tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    files = [(p, p.stat()) for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix in _WEIGHT_SUFFIXES
+             and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
+    key = (str(folder),) + tuple((str(p), st.st_size, st.st_mtime_ns) for p, st in files)
     if key not in _digest_cache:
         h = hashlib.sha256()
-        for p in files:
-            h.update(f"{p.relative_to(folder).as_posix()}\0{p.stat().st_size}\0".encode())
+        for p, st in files:
+            h.update(f"{p.relative_to(folder).as_posix()}\0{st.st_size}\0".encode())
             with open(p, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     h.update(block)
