@@ -2,7 +2,7 @@
 tangent bases. Random-init models (the weights do not matter for speed), synthetic class latents.
 
 1. VAE encode at 256 px: SD-VAE-shaped AutoencoderKL (128/256/512/512, 2 layers per block, 4 latent
-   channels), bf16, through ``pipeline.encode.encode_pixels`` (the production path: uint8 pixels in,
+   channels), bf16, through ``pipeline.distill.encode.encode_pixels`` (the production path: uint8 pixels in,
    flattened latents out on the host); batches 32..256; images/s, TFLOP/s against ~0.27 TFLOP per image.
 2. DiT-XL/2, 50 DDPM steps with CFG, guidance none / mode / manifold, bf16, batches 8..256:
    ``bench/gpu_sampler.py``'s ``run`` (imported, not copied), which calls ``GuidedSampler.sample``.
@@ -141,7 +141,7 @@ def max_principal_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
 def bench_vae(vae, batches, image_px: int, device: str, repeats: int) -> list[dict]:
     import torch  # noqa: PLC0415
 
-    from pipeline.encode import encode_pixels  # noqa: PLC0415
+    from pipeline.distill.encode import encode_pixels  # noqa: PLC0415
 
     cuda = device == "cuda"
     dtype = next(vae.parameters()).dtype
@@ -211,7 +211,7 @@ def bench_tangent(X: np.ndarray, centroids: np.ndarray, gpu: Backend, host: Back
         return [tangent_basis(A[neighbourhood(A, c, 0.0, min_count=k)], dim) for c in C]
 
     def annealed(A, C):
-        # as pipeline/centroids.py does: the radius is the distance to the K-th nearest latent
+        # as pipeline/distill/plan.py does: the radius is the distance to the K-th nearest latent
         return [annealed_bases(A, c, dim=dim, radius=default_radius(A, c, k), n_steps=guided_steps,
                                warm_steps=warm_steps, max_neighbours=256)[0] for c in C]
 

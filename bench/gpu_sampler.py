@@ -44,7 +44,7 @@ def build_prior(dit_kwargs: dict, vae_kwargs: dict | None, device: str, dtype=to
     """Random-init transformer (+ VAE) wrapped as a Prior, built directly on ``device``."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415
 
-    from pipeline.models import describe_prior  # noqa: PLC0415
+    from pipeline.models.loading import describe_prior  # noqa: PLC0415
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
@@ -72,7 +72,7 @@ def _sync(device):
 
 
 def run(batches, modes, *, steps: int, device: str, prior, tangent_dim: int = 3, repeats: int = 1):
-    from pipeline.sampler import GuidedSampler, SamplerConfig  # noqa: PLC0415
+    from pipeline.distill.sampler import GuidedSampler, SamplerConfig  # noqa: PLC0415
 
     cuda = torch.device(device).type == "cuda"
     results = []

@@ -28,10 +28,10 @@ def in_process(cfg, listing, image_size):
     """Stages 1-3 without Ray: the same functions, called in a loop."""
     import numpy as np
 
-    from pipeline.centroids import plan_class
-    from pipeline.encode import VAEEncoder, decode_batch
-    from pipeline.generate import ClassSampler
-    from pipeline.outputs import OutputDir
+    from pipeline.distill.plan import plan_class
+    from pipeline.distill.encode import VAEEncoder, decode_batch
+    from pipeline.distill.sample import ClassSampler
+    from pipeline.common.outputs import OutputDir
 
     out = OutputDir(cfg.out)
     base = Path(listing.root)
@@ -69,10 +69,10 @@ def main() -> None:
     import ray
 
     from pipeline.config import build_config, validate
-    from pipeline.distill import encode_stage, run
-    from pipeline.model_refs import prior_info
-    from pipeline.outputs import OutputDir
-    from pipeline.sources import list_source
+    from pipeline.distill.run import encode_stage, run
+    from pipeline.models.refs import prior_info
+    from pipeline.common.outputs import OutputDir
+    from pipeline.inputs.sources import list_source
 
     tmp = Path(tempfile.mkdtemp(prefix="mgd-bench-"))
     prior = save_tiny_prior(tmp / "prior", num_classes=args.classes)

@@ -3,7 +3,7 @@
 For each class count (10 = Imagenette's wnids, 100 = ImageNet-100's, 1,000 = ImageNet-1K's, all from the
 shipped lists in pipeline/data/), it writes an ImageFolder of small PNGs per class, saves a tiny
 random-init prior with 1,000 classes (wnid folders map to their ImageNet-1K index), and runs
-``pipeline.distill.run`` at IPC 10 in a fresh process (so that ``ru_maxrss`` is that size's own peak),
+``pipeline.distill.run.run`` at IPC 10 in a fresh process (so that ``ru_maxrss`` is that size's own peak),
 with Ray started by the script. It records:
 
 - wall time per stage (run.json ``timings_s``), files/s listed, files/s through the encode stage, and
@@ -57,7 +57,7 @@ MiB = 2**20
 # -------------------------------------------------------------------------------------- inputs
 def class_wnids(n: int) -> list[str]:
     """Imagenette / ImageNet-100 / ImageNet-1K wnids for 10 / 100 / 1000; else the first n of the 1K list."""
-    from pipeline.sources import class_subset  # noqa: PLC0415
+    from pipeline.inputs.sources import class_subset  # noqa: PLC0415
 
     if n in SHIPPED_BY_SIZE:
         return sorted(class_subset(SHIPPED_BY_SIZE[n]))
@@ -172,7 +172,7 @@ def decode_rate(listing, image_size: int, limit: int = 2000) -> float:
     """Files/s read from disk and decoded with DiT's preprocessing in this process (no Ray)."""
     import numpy as np  # noqa: PLC0415
 
-    from pipeline.encode import decode_batch  # noqa: PLC0415
+    from pipeline.distill.encode import decode_batch  # noqa: PLC0415
 
     files = listing.files[:limit]
     base = Path(listing.root)
@@ -202,7 +202,7 @@ def read_partition_only(latents_dir: Path, class_name: str):
 
 def read_costs(out, classes: list[str], probes: int = 10) -> dict:
     """Median seconds to read one class's latents: as stage 2 does now, and partition-only."""
-    from pipeline.centroids import read_class_latents  # noqa: PLC0415
+    from pipeline.distill.plan import read_class_latents  # noqa: PLC0415
 
     picks = [classes[int(i * (len(classes) - 1) / max(probes - 1, 1))] for i in range(min(probes, len(classes)))]
     result = {}
@@ -221,11 +221,11 @@ def read_costs(out, classes: list[str], probes: int = 10) -> dict:
 def one_size(classes: int, args) -> dict:
     import ray  # noqa: PLC0415
 
-    from pipeline import distill  # noqa: PLC0415
+    from pipeline.distill.run import run as distill  # noqa: PLC0415
     from pipeline.config import build_config, validate  # noqa: PLC0415
-    from pipeline.model_refs import prior_info  # noqa: PLC0415
-    from pipeline.outputs import OutputDir  # noqa: PLC0415
-    from pipeline.sources import list_source  # noqa: PLC0415
+    from pipeline.models.refs import prior_info  # noqa: PLC0415
+    from pipeline.common.outputs import OutputDir  # noqa: PLC0415
+    from pipeline.inputs.sources import list_source  # noqa: PLC0415
 
     work = Path(args.work)
     t = time.perf_counter()
@@ -324,9 +324,9 @@ def class_costs(args) -> dict:
     from threadpoolctl import threadpool_limits  # noqa: PLC0415
 
     from ops.clustering import select_ipc_nodes  # noqa: PLC0415
-    from pipeline.centroids import plan_class  # noqa: PLC0415
+    from pipeline.distill.plan import plan_class  # noqa: PLC0415
     from pipeline.config import build_config, validate  # noqa: PLC0415
-    from pipeline.preprocess import decode_image  # noqa: PLC0415
+    from pipeline.inputs.preprocess import decode_image  # noqa: PLC0415
 
     spec = importlib.util.spec_from_file_location("bench_ops", HERE.parent / "ops.py")
     bench_ops = importlib.util.module_from_spec(spec)

@@ -1,6 +1,6 @@
 """Distances between a real and a synthetic set of feature vectors: Frechet (FID), l2 of the means, MMD.
 
-Pure numpy on (N, D) arrays; the caller chooses the feature extractor (pipeline/features.py) and must name
+Pure numpy on (N, D) arrays; the caller chooses the feature extractor (pipeline/eval/features.py) and must name
 it beside every number, since none of these values means anything without it.
 """
 from __future__ import annotations

@@ -19,16 +19,12 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_MODEL = "facebook/DiT-XL-2-256"
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+from pipeline.common.errors import ConfigError
+from pipeline.models.loading import DEFAULT_MODEL, DEFAULT_VAE
+from pipeline.models.refs import model_fingerprint
 
+__all__ = ["ConfigError"]  # re-exported: callers catch it from here
 
-class ConfigError(ValueError):
-    """A bad config value; ``field`` is the dotted name of the offending field."""
-
-    def __init__(self, field_name: str, message: str):
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
 
 
 @dataclass
@@ -112,8 +108,6 @@ class DistillConfig:
         """What decides the output bytes: everything but ``runtime`` and the output path, plus a digest of
         the model's files where the model is a built-in or local folder (its name does not change when it
         is retrained)."""
-        from pipeline.model_refs import model_fingerprint  # noqa: PLC0415 - model_refs imports this module
-
         d = self.to_dict()
         d.pop("runtime")
         d.pop("out")

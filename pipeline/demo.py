@@ -15,64 +15,23 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.preprocess import centre_crop
-
-
-def contact_sheet(train_dir: Path, out_path: Path, pad: int = 2) -> Path:
-    """One row per class (sorted), IPC images per row, written as a PNG."""
-    from PIL import Image  # noqa: PLC0415
-
-    rows = []
-    for cls in sorted(p for p in train_dir.iterdir() if p.is_dir()):
-        rows.append([np.asarray(Image.open(p).convert("RGB")) for p in sorted(cls.glob("*.png"))])
-    h, w = rows[0][0].shape[:2]
-    cols = max(len(r) for r in rows)
-    sheet = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            sheet[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = im
-    Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST).save(out_path)
-    return out_path
-
-
-def load_imagefolder(train_dir: Path, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image  # noqa: PLC0415
-
-    images, labels = [], []
-    for y, cls in enumerate(class_names):
-        for p in sorted((train_dir / cls).glob("*.png")):
-            images.append(np.asarray(Image.open(p).convert("RGB")))
-            labels.append(y)
-    return np.stack(images), np.asarray(labels)
-
-
-def as_model_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Real digits through the same preprocessing as the encode stage (RGB, DiT centre crop)."""
-    from PIL import Image  # noqa: PLC0415
-
-    return np.stack([np.asarray(centre_crop(Image.fromarray(im).convert("RGB"), size)) for im in images])
-
-
-def random_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return np.concatenate([rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
-                           for c in np.unique(labels)])
+from pipeline.common.images import crop_images, folder_contact_sheet, load_png_folder, random_subset
 
 
 def evaluate_against_random(distilled_dir: Path, dataset: str, ipc: int, seeds: int, epochs: int) -> dict:
-    from pipeline.datasets import load_builtin  # noqa: PLC0415
-    from pipeline.students import StudentRecipe, accuracy, train_student  # noqa: PLC0415
+    from pipeline.inputs.datasets import load_builtin  # noqa: PLC0415
+    from pipeline.eval.students import StudentRecipe, accuracy, train_student  # noqa: PLC0415
 
     train_x, train_y, names = load_builtin(dataset, "train")
     test_x, test_y, _ = load_builtin(dataset, "test")
-    syn_x, syn_y = load_imagefolder(distilled_dir / "train", names)
+    syn_x, syn_y = load_png_folder(distilled_dir / "train", names)
     size = syn_x.shape[1]
-    test_x = as_model_images(test_x, size)
+    test_x = crop_images(test_x, size)
     recipe = StudentRecipe(epochs=epochs)
     result = {"distilled": [], "random_real": [], "epochs": epochs, "test_images": len(test_y)}
     for seed in range(seeds):
         idx = random_subset(train_y, ipc, seed)
-        real_x = as_model_images(train_x[idx], size)
+        real_x = crop_images(train_x[idx], size)
         result["distilled"].append(accuracy(train_student(syn_x, syn_y, len(names), recipe, seed), test_x, test_y))
         result["random_real"].append(accuracy(train_student(real_x, train_y[idx], len(names), recipe, seed),
                                               test_x, test_y))
@@ -82,11 +41,11 @@ def evaluate_against_random(distilled_dir: Path, dataset: str, ipc: int, seeds: 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pipeline.cli import main as cli_main  # noqa: PLC0415
 
-    from pipeline.distill import _builtin_prior  # noqa: PLC0415
+    from pipeline.distill.run import builtin_prior_exists  # noqa: PLC0415
 
     out = Path(args.out)
     start = time.perf_counter()
-    if not any(s.startswith("model.model=") for s in args.set) and not _builtin_prior(args.data):
+    if not any(s.startswith("model.model=") for s in args.set) and not builtin_prior_exists(args.data):
         print(f"manifoldgd demo: the built-in {args.data} prior is missing from this install. Train it "
               f"(about 40 minutes on 2 CPU cores) with\n  manifoldgd train-prior --data {args.data} "
               f"--out pipeline/priors/{args.data} --torch-threads 1\nthen run the demo again, or pass "
@@ -96,7 +55,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      "--guidance", "manifold", *sum((["--set", s] for s in args.set), [])])
     if code:
         return code
-    sheet = contact_sheet(out / "train", out / "contact_sheet.png")
+    sheet = folder_contact_sheet(out / "train", out / "contact_sheet.png")
     print(f"\ndistilled images: {out / 'train'}  ({args.ipc} per class)")
     print(f"contact sheet:    {sheet}  (one row per class)")
     print(f"manifest:         {out / 'manifest.parquet'}")

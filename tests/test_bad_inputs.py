@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.preprocess import decode_image
+from pipeline.inputs.preprocess import decode_image
 
 
 def _rgb(seed: int, size=(24, 24)) -> Image.Image:
@@ -80,7 +80,7 @@ def test_unusual_but_valid_images_decode():
     arr, reason = decode_image(_save(_rgb(13, (30, 20)), "JPEG", exif=exif.tobytes()), 16)
     assert reason == "" and arr.shape == (16, 16, 3)
     # EXIF rotation is applied: a 30 x 20 landscape turned by 90 degrees has 30 rows before cropping
-    from pipeline.preprocess import centre_crop
+    from pipeline.inputs.preprocess import centre_crop
     with Image.open(io.BytesIO(_save(_rgb(13, (30, 20)), "JPEG", exif=exif.tobytes()))) as im:
         from PIL import ImageOps
         assert ImageOps.exif_transpose(im).size == (20, 30)

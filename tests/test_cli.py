@@ -72,7 +72,7 @@ def test_builtin_prior_brings_its_tuned_settings_below_the_users(tmp_path):
     import argparse
 
     from pipeline.cli import build_parser
-    from pipeline.distill import prior_defaults, resolve_config
+    from pipeline.distill.run import prior_defaults, resolve_config
 
     tuned = prior_defaults("mnist10k", "manifold")
     assert tuned, "pipeline/priors/mnist10k/distill_defaults.yaml is missing"
@@ -170,7 +170,7 @@ def test_dry_run_counts_and_lists_quarantine(small_folder, tmp_path, tiny_prior,
 
 
 def test_wnid_folders_map_to_imagenet_ids(tmp_path):
-    from pipeline.sources import label_ids
+    from pipeline.inputs.sources import label_ids
 
     assert label_ids(["n01440764", "n15075141"]) == {"n01440764": 0, "n15075141": 999}
     assert label_ids(["dog", "cat"]) == {"cat": 0, "dog": 1}

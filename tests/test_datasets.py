@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import datasets
+from pipeline.inputs import datasets
 from pipeline.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_export_one_split_only(tmp_path):
 
 
 def test_exported_folder_is_read_by_the_pipeline_listing(tmp_path):
-    from pipeline.sources import list_imagefolder
+    from pipeline.inputs.sources import list_imagefolder
 
     datasets.export_imagefolder("mnist10k", tmp_path, splits=("test",))
     listing = list_imagefolder(tmp_path, "test")

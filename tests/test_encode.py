@@ -2,7 +2,7 @@
 import numpy as np
 import torch
 
-from pipeline.encode import VAEEncoder, decode_batch, flip_for
+from pipeline.distill.encode import VAEEncoder, decode_batch, flip_for
 
 
 def _encoder(prior, micro=8):

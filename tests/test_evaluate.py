@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import students
-from pipeline.students import (
+from pipeline.eval import students
+from pipeline.eval.students import (
     StudentRecipe,
     build_model,
     colour_jitter,
@@ -106,14 +106,14 @@ def test_fit_learns_a_separable_task_and_reports_final_and_best():
 
 # ------------------------------------------------------------------------------------------ features
 def test_shipped_mnist10k_features_are_named_and_separate_classes():
-    from pipeline.datasets import load_builtin
-    from pipeline.demo import as_model_images
-    from pipeline.features import load_extractor
+    from pipeline.inputs.datasets import load_builtin
+    from pipeline.common.images import crop_images
+    from pipeline.eval.features import load_extractor
 
     ex = load_extractor("mnist10k")
     assert "mnist10k train split" in ex.name and "%" in ex.name
     x, y, _ = load_builtin("mnist10k", "test")
-    x, y = as_model_images(x[::10], 32), y[::10]
+    x, y = crop_images(x[::10], 32), y[::10]
     f = ex(x)
     assert f.shape == (len(x), 1024) and np.isfinite(f).all()
     # nearest class mean in feature space: a feature that ignores the digit would sit near 10%
@@ -123,7 +123,7 @@ def test_shipped_mnist10k_features_are_named_and_separate_classes():
 
 
 def test_missing_weights_fail_clearly(tmp_path, monkeypatch):
-    from pipeline import features
+    from pipeline.eval import features
 
     monkeypatch.setattr(features, "HUB_CHECKPOINTS", tmp_path)
     monkeypatch.delenv("MANIFOLDGD_INCEPTION", raising=False)
@@ -139,8 +139,8 @@ def test_missing_weights_fail_clearly(tmp_path, monkeypatch):
 
 
 def test_resnet18_loads_a_torchvision_layout_state_dict(tmp_path):
-    from pipeline.features import load_extractor
-    from pipeline.students import ResNet
+    from pipeline.eval.features import load_extractor
+    from pipeline.eval.students import ResNet
 
     ref = ResNet((2, 2, 2, 2), 1000, 64, 3, 224, norm="batch").eval()
     path = tmp_path / "resnet18.pth"
@@ -159,7 +159,7 @@ class _TinyInception(nn.Module):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit: the reference Inception is TorchScript
 def test_inception_torchscript_path(tmp_path):
-    from pipeline.features import load_extractor
+    from pipeline.eval.features import load_extractor
 
     path = tmp_path / "inception.pt"
     torch.jit.save(torch.jit.script(_TinyInception()), str(path))
@@ -211,7 +211,7 @@ def test_evaluate_rejects_a_test_set_without_the_classes(tmp_path):
 
 # --------------------------------------------------------------------------------------- benchmark
 def test_parse_methods_and_variants():
-    from pipeline.benchmark import METHODS, parse_methods, parse_variants
+    from pipeline.eval.benchmark import METHODS, parse_methods, parse_variants
 
     assert parse_methods("random,kmeans_real") == ["random", "kmeans_real", "mgd3"]
     assert parse_methods("ladder") == ["mgd3", "divisive", "levelwise", "manifold", "manifoldgd"]
@@ -232,7 +232,7 @@ def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
     from PIL import Image
 
     from pipeline.cli import main
-    from pipeline.preprocess import decode_image
+    from pipeline.inputs.preprocess import decode_image
 
     data = write_image_folder(tmp_path / "data", {"a": 6, "b": 6}, size=16, seed=0)
     write_image_folder(tmp_path / "test", {"a": 4, "b": 4}, size=16, seed=1)
@@ -279,7 +279,7 @@ def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
 
 
 def test_latents_are_shared_only_between_runs_of_the_same_data_and_model(tmp_path):
-    from pipeline.benchmark import latent_key, share_latents
+    from pipeline.eval.benchmark import latent_key, share_latents
 
     def finished_run(name, model):
         work = tmp_path / "out" / "distill" / name / "ipc1_seed0" / "_work"
@@ -303,7 +303,7 @@ def test_latents_are_shared_only_between_runs_of_the_same_data_and_model(tmp_pat
 
 
 def test_report_marks_missing_cells(tmp_path):
-    from pipeline import report
+    from pipeline.eval import report
 
     stat = {"mean": 50.0, "std": 1.0, "n": 2}
     none = {"mean": None, "std": None, "n": 0}
@@ -319,8 +319,8 @@ def test_report_marks_missing_cells(tmp_path):
 
 
 def test_load_test_builtin_maps_classes_by_name():
-    from pipeline.datasets import load_builtin
-    from pipeline.evaluate import load_test
+    from pipeline.inputs.datasets import load_builtin
+    from pipeline.eval.evaluate import load_test
 
     _, y, names = load_builtin("mnist10k", "test")
     x3, y3 = load_test("mnist10k", ["7", "2"], 32)

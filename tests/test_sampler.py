@@ -1,4 +1,4 @@
-"""pipeline/models.py + pipeline/sampler.py on tiny random DiT / VAE models saved and loaded back."""
+"""pipeline/models/loading.py + pipeline/distill/sampler.py on tiny random DiT / VAE models saved and loaded back."""
 import dataclasses
 import importlib.util
 import json
@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from ops.schedule import linear_betas
-from pipeline.models import PriorLoadError, load_prior
-from pipeline.sampler import GuidedSampler, SamplerConfig, denoise_step, sample_seed
+from pipeline.models.loading import PriorLoadError, load_prior
+from pipeline.distill.sampler import GuidedSampler, SamplerConfig, denoise_step, sample_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = 8  # latent side; the VAE below doubles it
@@ -170,7 +170,7 @@ def test_folder_without_weights_is_one_error(tmp_path):
 def test_hub_id_offline_fails_with_staging_help(tmp_path):
     # A fresh interpreter so huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import, as on a cluster.
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
-    code = ("from pipeline.models import load_prior, PriorLoadError\n"
+    code = ("from pipeline.models.loading import load_prior, PriorLoadError\n"
             "try:\n    load_prior('facebook/DiT-XL-2-256')\nexcept PriorLoadError as e:\n    print(e)\n")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     out = res.stdout

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import train_prior as tp
+from pipeline.prior import train as tp
 
 LATENT = (4, 4, 4)
 
@@ -194,8 +194,8 @@ def test_run_name_changes_with_training_settings_only():
 
 @pytest.mark.slow
 def test_train_prior_through_ray_train_writes_a_loadable_prior(tmp_path, ray_session):
-    from pipeline.models import load_prior
-    from pipeline.sampler import GuidedSampler, SamplerConfig
+    from pipeline.models.loading import load_prior
+    from pipeline.distill.sampler import GuidedSampler, SamplerConfig
 
     out = tmp_path / "prior"
     cfg = _tiny_cfg(data="mnist10k", out=str(out), subset=64, vae_epochs=1, epochs=2, vae_batch_size=32,
@@ -244,7 +244,7 @@ def test_train_prior_command_prints_each_progress_line_once(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     out = r.stdout + r.stderr
-    progress = [line.split("[train-prior", 1)[1] for line in out.splitlines() if "step" in line and "[train-prior" in line]
+    progress = [line.split("[train-prior ", 1)[1] for line in out.splitlines() if "step" in line and "[train-prior " in line]
     assert progress, out[-2000:]
     assert len(progress) == len(set(progress)), "a progress line was printed twice"
     assert "State API may be temporarily unavailable" not in out
@@ -257,9 +257,9 @@ SHIPPED = Path(str(resources.files("pipeline").joinpath("priors", "mnist10k")))
 @pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(),
                     reason="the mnist10k prior is not committed yet (issue 5): train it with train-prior")
 def test_shipped_prior_is_small_loads_and_samples_digits():
-    from pipeline.model_refs import resolve
-    from pipeline.models import load_prior
-    from pipeline.sampler import GuidedSampler, SamplerConfig
+    from pipeline.models.refs import resolve
+    from pipeline.models.loading import load_prior
+    from pipeline.distill.sampler import GuidedSampler, SamplerConfig
 
     assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 20 * 1024 * 1024
     assert (SHIPPED / "TRAINING.md").is_file()
@@ -273,7 +273,7 @@ def test_shipped_prior_is_small_loads_and_samples_digits():
 
 
 def test_quality_classifier_learns_real_digits_quickly():
-    from pipeline.prior_quality import classify, real_images, train_classifier
+    from pipeline.prior.quality import classify, real_images, train_classifier
 
     x, y, names = real_images("mnist10k", "train", 32)
     keep = tp.subset_indices(len(x), 1500, 0)

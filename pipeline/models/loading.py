@@ -65,7 +65,7 @@ def _describe(ref: str, subfolder: str | None, revision: str | None) -> str:
     return f"hub id '{ref}' ({where}{rev}){offline}, cache HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}"
 
 
-def _load(cls, ref: str, subfolder: str | None, *, dtype, revision):
+def load_part(cls, ref: str, subfolder: str | None, *, dtype, revision):
     """``cls.from_pretrained`` for a local folder or hub id; returns (model, None) or (None, failure line)."""
     what = _describe(ref, subfolder, revision)
     path = Path(ref).expanduser()
@@ -86,7 +86,7 @@ def _load(cls, ref: str, subfolder: str | None, *, dtype, revision):
         return None, f"{cls.__name__}: {what}: {type(exc).__name__}: {cause}"
 
 
-def _staging_help(model: str, vae: str | None) -> str:
+def staging_help(model: str, vae: str | None) -> str:
     repos = [model] + ([vae] if vae else [])
     downloads = "; ".join(f"hf download {r} --local-dir /shared/models/{r.split('/')[-1]}" for r in repos)
     return (
@@ -119,14 +119,14 @@ def load_prior(
 
     # The real DiT-XL-2-256 config says "Transformer2DModel" (its pre-DiT class name); its keys
     # are a superset of DiTTransformer2DModel's, which is what we load it as.
-    transformer, t_err = _load(DiTTransformer2DModel, model, subfolder_transformer, dtype=dtype, revision=revision)
+    transformer, t_err = load_part(DiTTransformer2DModel, model, subfolder_transformer, dtype=dtype, revision=revision)
     vae_ref, vae_sub = (model, subfolder_vae) if vae is None else (vae, None)
-    vae_model, v_err = _load(AutoencoderKL, vae_ref, vae_sub, dtype=dtype, revision=revision)
+    vae_model, v_err = load_part(AutoencoderKL, vae_ref, vae_sub, dtype=dtype, revision=revision)
     failures = [e for e in (t_err, v_err) if e]
     if failures:
         raise PriorLoadError(
             "could not load the diffusion prior. Tried:\n  - " + "\n  - ".join(failures) + "\n"
-            + _staging_help(model, vae)
+            + staging_help(model, vae)
         )
     transformer = transformer.to(device).eval().requires_grad_(False)
     vae_model = vae_model.to(device).eval().requires_grad_(False)

@@ -3,7 +3,7 @@
 ``load_extractor(spec)``:
 - ``mnist10k``: a ConvNet-3 (width 64, instance norm) trained on the real mnist10k *train* split, shipped as
   ``pipeline/data/mnist10k_features.safetensors`` (how it was trained is in its metadata and in
-  docs/evaluation.md; rebuild with ``python -m pipeline.features train mnist10k``). Features = its
+  docs/evaluation.md; rebuild with ``python -m pipeline.eval.features train mnist10k``). Features = its
   flattened last map (1,024-d), the input to its linear head.
 - ``inception-v3[:PATH]``: the TorchScript Inception-v3 of the FID reference (``inception-2015-12-05.pt``,
   2,048-d pool features, takes uint8 images of any size). No torchvision needed; the file must be staged.
@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.students import ResNet, build_model, to_tensor
+from pipeline.common.images import to_model_range
+from pipeline.eval.students import ResNet, build_model
 
 HUB_CHECKPOINTS = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -62,7 +63,7 @@ class FeatureExtractor:
             # the reference network takes uint8 NCHW at any size and resizes to 299 itself
             x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(self.device)
             return self.module(x, return_features=True)
-        x = to_tensor(images).to(self.device)
+        x = to_model_range(images).to(self.device)
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
         if self.kind == "resnet18":
@@ -168,19 +169,19 @@ def train_feature_net(dataset: str, out: Path, *, epochs: int = 6, width: int = 
     and save it with its spec as safetensors metadata. Returns the spec."""
     from safetensors.torch import save_file  # noqa: PLC0415
 
-    from pipeline.datasets import load_builtin  # noqa: PLC0415
-    from pipeline.demo import as_model_images  # noqa: PLC0415
-    from pipeline.students import StudentRecipe, fit  # noqa: PLC0415
+    from pipeline.inputs.datasets import load_builtin  # noqa: PLC0415
+    from pipeline.common.images import crop_images  # noqa: PLC0415
+    from pipeline.eval.students import StudentRecipe, fit  # noqa: PLC0415
 
     train_x, train_y, names = load_builtin(dataset, "train")
     test_x, test_y, _ = load_builtin(dataset, "test")
-    train_x, test_x = as_model_images(train_x, size), as_model_images(test_x, size)
+    train_x, test_x = crop_images(train_x, size), crop_images(test_x, size)
     recipe = StudentRecipe(epochs=epochs, arch="convnet", width=width, lr=0.05, crop_scale=0.8, eval_points=1,
                            batch_size=128, profile="featurenet")
     res = fit(train_x, train_y, len(names), recipe, seed, test=(test_x, test_y))
     spec = {"name": f"{dataset}-featurenet", "arch": "convnet", "width": width, "size": size,
             "num_classes": len(names), "dataset": dataset, "test_top1": res.final_top1, "seed": seed,
-            "recipe": recipe.describe(), "command": f"python -m pipeline.features train {dataset} --epochs {epochs} "
+            "recipe": recipe.describe(), "command": f"python -m pipeline.eval.features train {dataset} --epochs {epochs} "
             f"--width {width} --seed {seed}", "features": "flattened last feature map (input of the linear head)"}
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in res.model.state_dict().items()}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +190,7 @@ def train_feature_net(dataset: str, out: Path, *, epochs: int = 6, width: int = 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pipeline.features")
+    p = argparse.ArgumentParser(prog="python -m pipeline.eval.features")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train and save the shipped feature net of a built-in dataset")
     t.add_argument("dataset", choices=sorted(SHIPPED))

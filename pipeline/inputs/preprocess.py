@@ -12,19 +12,11 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from pipeline.common.images import centre_crop
+
 # Pillow raises DecompressionBombError above 2x this many pixels and only warns above 1x; a warning is
 # promoted to an error here, so that what counts as a bomb does not depend on how warnings are set.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-
-
-def centre_crop(image: Image.Image, size: int) -> Image.Image:
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(max(size, round(x * scale)) for x in image.size), resample=Image.BICUBIC)
-    left = (image.size[0] - size) // 2
-    top = (image.size[1] - size) // 2
-    return image.crop((left, top, left + size, top + size))
 
 
 def decode_image(data: bytes, size: int, hflip: bool = False) -> tuple[np.ndarray | None, str]:

@@ -21,7 +21,7 @@ from ops.tangent import (
     tangent_basis_by_variance,
 )
 from pipeline.config import DistillConfig
-from pipeline.outputs import atomic_write_bytes
+from pipeline.common.outputs import atomic_write_bytes
 
 
 def guided_steps(num_steps: int, t_stop: int) -> int:

@@ -7,28 +7,20 @@ byte (noise depends only on (seed, label, k)).
 """
 from __future__ import annotations
 
-import io
 import time
 
 import numpy as np
 
 from pipeline.config import DistillConfig, build_config
-from pipeline.outputs import SUCCESS, OutputDir, atomic_write_bytes, atomic_write_table, sha256_bytes
+from pipeline.common.images import png_bytes
+from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atomic_write_table, sha256_bytes
 
 MANIFEST_COLUMNS = ("class", "label", "k", "seed", "path", "centroid_node", "centroid_level",
                     "repeated_centroid", "guidance", "cluster", "model", "vae", "config_hash", "sha256")
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image  # noqa: PLC0415
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def sampler_config(cfg: DistillConfig):
-    from pipeline.sampler import SamplerConfig  # noqa: PLC0415
+    from pipeline.distill.sampler import SamplerConfig  # noqa: PLC0415
 
     s = cfg.sampler
     return SamplerConfig(num_steps=s.num_steps, train_steps=s.train_steps, sampler=s.sampler,
@@ -43,8 +35,8 @@ class ClassSampler:
     def __init__(self, cfg_dict: dict, threads: int = 0, config_hash: str = ""):
         import torch  # noqa: PLC0415
 
-        from pipeline.model_refs import load_model  # noqa: PLC0415
-        from pipeline.sampler import GuidedSampler  # noqa: PLC0415
+        from pipeline.models.refs import load_model  # noqa: PLC0415
+        from pipeline.distill.sampler import GuidedSampler  # noqa: PLC0415
 
         if threads:
             torch.set_num_threads(threads)
@@ -61,7 +53,7 @@ class ClassSampler:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def run_class(self, class_name: str, label: int) -> dict:
-        from pipeline.centroids import expand_bases  # noqa: PLC0415
+        from pipeline.distill.plan import expand_bases  # noqa: PLC0415
 
         import pyarrow as pa  # noqa: PLC0415
 

@@ -19,6 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.common.images import contact_sheet, crop_images, to_model_range
+from pipeline.common.log import get_logger
+from pipeline.inputs.datasets import load_builtin
+
+log = get_logger("prior-quality").info
+
 
 class DigitClassifier(nn.Module):
     """Three conv -> ReLU -> max-pool stages and a linear head: ~99% on MNIST within a few epochs."""
@@ -36,11 +42,6 @@ class DigitClassifier(nn.Module):
         return self.head(self.features(x).mean(dim=(2, 3)))
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def _shift(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
     """Random translation by up to ``max_shift`` pixels (background-padded): tolerance to off-centre samples."""
     n, _, h, w = x.shape
@@ -54,7 +55,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
                      batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    x, y = _to_tensor(images), torch.as_tensor(labels, dtype=torch.long)
+    x, y = to_model_range(images), torch.as_tensor(labels, dtype=torch.long)
     model = DigitClassifier(num_classes, channels=x.shape[1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     total = epochs * -(-len(x) // batch_size)
@@ -75,20 +76,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
 @torch.no_grad()
 def classify(model: nn.Module, images: np.ndarray, batch_size: int = 500) -> np.ndarray:
     model.eval()
-    return torch.cat([model(_to_tensor(images[i:i + batch_size])).argmax(1)
+    return torch.cat([model(to_model_range(images[i:i + batch_size])).argmax(1)
                       for i in range(0, len(images), batch_size)]).numpy()
-
-
-def real_images(dataset: str, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """A built-in split through the pipeline's own preprocessing (RGB, DiT centre crop to ``size``)."""
-    from PIL import Image  # noqa: PLC0415
-
-    from pipeline.datasets import load_builtin  # noqa: PLC0415
-    from pipeline.preprocess import centre_crop  # noqa: PLC0415
-
-    images, labels, names = load_builtin(dataset, split)
-    pixels = np.stack([np.asarray(centre_crop(Image.fromarray(im).convert("RGB"), size)) for im in images])
-    return pixels, labels, names
 
 
 @dataclass
@@ -109,21 +98,22 @@ class QualityReport:
 def measure_prior_quality(prior_dir: str, dataset: str = "mnist10k", *, n_per_class: int = 50,
                           cfg_scale: float = 4.0, num_steps: int = 50, seed: int = 0,
                           classifier_epochs: int = 4, samples_out: str = "") -> QualityReport:
-    from pipeline.models import load_prior  # noqa: PLC0415
-    from pipeline.sampler import GuidedSampler, SamplerConfig  # noqa: PLC0415
+    from pipeline.models.loading import load_prior  # noqa: PLC0415
+    from pipeline.distill.sampler import GuidedSampler, SamplerConfig  # noqa: PLC0415
 
     prior = load_prior(prior_dir, None)
     size = prior.image_size
     t0 = time.perf_counter()
-    train_x, train_y, names = real_images(dataset, "train", size)
-    test_x, test_y, _ = real_images(dataset, "test", size)
+    train_x, train_y, names = load_builtin(dataset, "train")
+    test_x, test_y, _ = load_builtin(dataset, "test")
+    train_x, test_x = crop_images(train_x, size), crop_images(test_x, size)
     if prior.num_classes != len(names):
         raise SystemExit(f"the prior has {prior.num_classes} classes, {dataset} has {len(names)}")
     clf = train_classifier(train_x, train_y, len(names), epochs=classifier_epochs, seed=seed)
     test_acc = float((classify(clf, test_x) == test_y).mean())
     t1 = time.perf_counter()
-    print(f"[prior-quality] classifier trained on {len(train_x)} real {dataset} train images: "
-          f"real test accuracy {test_acc:.4f} ({t1 - t0:.0f} s)", flush=True)
+    log(f"classifier trained on {len(train_x)} real {dataset} train images: "
+        f"real test accuracy {test_acc:.4f} ({t1 - t0:.0f} s)")
 
     sampler = GuidedSampler(prior, SamplerConfig(num_steps=num_steps, cfg_scale=cfg_scale, guidance="none",
                                                  seed=seed, max_batch=max(1, n_per_class)))
@@ -132,32 +122,18 @@ def measure_prior_quality(prior_dir: str, dataset: str = "mnist10k", *, n_per_cl
         images = sampler.sample(c, range(n_per_class))
         per_class[name] = float((classify(clf, images) == c).mean())
         sheet.append(images[: min(10, n_per_class)])
-        print(f"[prior-quality] class {name}: {per_class[name]:.2f} of {n_per_class} samples classified as {name}",
-              flush=True)
+        log(f"class {name}: {per_class[name]:.2f} of {n_per_class} samples classified as {name}")
     t2 = time.perf_counter()
     if samples_out:
-        _save_sheet(sheet, Path(samples_out))
+        Path(samples_out).parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(sheet).save(samples_out)
+        log(f"samples: {samples_out}")
     return QualityReport(test_acc, float(np.mean(list(per_class.values()))), per_class, n_per_class,
                          cfg_scale, num_steps, t1 - t0, t2 - t1)
 
 
-def _save_sheet(rows: list[np.ndarray], path: Path) -> None:
-    """One row per class, up to 10 samples each."""
-    from PIL import Image  # noqa: PLC0415
-
-    h, w = rows[0].shape[1:3]
-    cols = max(len(r) for r in rows)
-    sheet = np.full((len(rows) * (h + 2), cols * (w + 2), 3), 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        for j, im in enumerate(row):
-            sheet[i * (h + 2):i * (h + 2) + h, j * (w + 2):j * (w + 2) + w] = im
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(sheet).save(path)
-    print(f"[prior-quality] samples: {path}")
-
-
 def _command(args) -> int:
-    from pipeline.model_refs import resolve  # noqa: PLC0415
+    from pipeline.models.refs import resolve  # noqa: PLC0415
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -8,7 +8,7 @@ Architectures (METHOD.md section 5), all with instance norm (GroupNorm with one 
 - ``resnet18``: ResNet-18 ([2, 2, 2, 2]), strided downsampling; base width 64.
 ResNets take a CIFAR stem (conv3x3, no max-pool) at <= 64 px and the ImageNet stem (conv7x7/2 + max-pool)
 above. Layer names follow torchvision's, so a torchvision state dict loads into ``norm="batch"`` models
-(pipeline/features.py uses that for ResNet-18 features).
+(pipeline/eval/features.py uses that for ResNet-18 features).
 
 Recipe (``StudentRecipe``): SGD lr 0.01, momentum 0.9, wd 5e-4, batch 64, MultiStep at 2/3 and 5/6 of the
 steps (gamma 0.2); augmentation RandomResizedCrop(scale 0.5-1, ratio 3/4-4/3), horizontal flip (option),
@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipeline.common.images import to_model_range
 
 ARCHITECTURES = ("convnet", "resnetap10", "resnet18")
 
@@ -199,14 +201,6 @@ def recipe_for(profile: str, ipc: int, n_images: int, *, fast_steps: int = 500, 
 
 
 # ------------------------------------------------------------------------------------ augmentation
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    images = np.ascontiguousarray(images)
-    if not images.flags.writeable:  # a Ray object-store array: torch warns on read-only memory
-        images = images.copy()
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def random_resized_crop(x: torch.Tensor, scale: float, gen: torch.Generator,
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> torch.Tensor:
     """Per image: a crop of area fraction U(scale, 1) and aspect ratio log-U(ratio), resized back to the
@@ -297,7 +291,7 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Studen
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 1])
-    x, y = to_tensor(images).to(device), torch.tensor(np.asarray(labels), dtype=torch.long).to(device)
+    x, y = to_model_range(images).to(device), torch.tensor(np.asarray(labels), dtype=torch.long).to(device)
     model = build_model(recipe.arch, num_classes, x.shape[1], x.shape[-1], recipe.width, recipe.depth).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay)
@@ -342,7 +336,7 @@ def train_student(images: np.ndarray, labels: np.ndarray, num_classes: int, reci
 def predict(model: nn.Module, images: np.ndarray, batch_size: int = 500, device: str | None = None) -> np.ndarray:
     model.eval()
     device = device or next(model.parameters()).device
-    out = [model(to_tensor(images[i:i + batch_size]).to(device)).argmax(1).cpu()
+    out = [model(to_model_range(images[i:i + batch_size]).to(device)).argmax(1).cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy()
 

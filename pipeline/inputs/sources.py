@@ -143,7 +143,7 @@ def list_parquet(path: Path) -> Listing:
 
 
 def list_builtin(name: str) -> Listing:
-    from pipeline import datasets  # noqa: PLC0415
+    from pipeline.inputs import datasets  # noqa: PLC0415
 
     _, labels, class_names = datasets.load_builtin(name, split="train")
     classes = list(class_names)
@@ -152,7 +152,7 @@ def list_builtin(name: str) -> Listing:
 
 def builtin_names() -> tuple[str, ...]:
     try:
-        from pipeline import datasets  # noqa: PLC0415
+        from pipeline.inputs import datasets  # noqa: PLC0415
     except ImportError:  # a build without the built-in datasets
         return ()
     return tuple(datasets.builtin_names())

@@ -1,5 +1,7 @@
 """Model references as the pipeline sees them: built-in priors, the VAE alone, sizes from configs.
 
+Functions take the config's ``model`` section (``pipeline.config.ModelConfig``: model, vae, revision, dtype).
+
 ``builtin:<name>`` names a prior shipped inside the package (pipeline/priors/<name>/, diffusers layout);
 it stays symbolic in the config so that the config hash does not depend on where the package lives.
 """
@@ -9,7 +11,7 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
-from pipeline.config import ConfigError, ModelConfig
+from pipeline.common.errors import ConfigError
 
 BUILTIN = "builtin:"
 
@@ -25,7 +27,7 @@ def resolve(ref: str) -> str:
     return str(folder)
 
 
-def vae_source(model: ModelConfig) -> tuple[str, str | None]:
+def vae_source(model) -> tuple[str, str | None]:
     """(reference, subfolder) of the VAE: its own repo, or the model folder's vae/."""
     if model.vae:
         return resolve(model.vae), None
@@ -40,34 +42,34 @@ def torch_dtype(name: str, device: str):
     return getattr(torch, name)
 
 
-def load_vae(model: ModelConfig, device: str = "cpu"):
+def load_vae(model, device: str = "cpu"):
     """The VAE alone (the encode stage needs nothing else); returns (vae, dtype)."""
     from diffusers import AutoencoderKL  # noqa: PLC0415
 
-    from pipeline.models import PriorLoadError, _load, _staging_help  # noqa: PLC0415
+    from pipeline.models.loading import PriorLoadError, load_part, staging_help  # noqa: PLC0415
 
     ref, sub = vae_source(model)
     dtype = torch_dtype(model.dtype, device)
-    vae, err = _load(AutoencoderKL, ref, sub, dtype=dtype, revision=model.revision or None)
+    vae, err = load_part(AutoencoderKL, ref, sub, dtype=dtype, revision=model.revision or None)
     if err:
-        raise PriorLoadError(f"could not load the VAE. Tried:\n  - {err}\n" + _staging_help(ref, None))
+        raise PriorLoadError(f"could not load the VAE. Tried:\n  - {err}\n" + staging_help(ref, None))
     return vae.to(device).eval().requires_grad_(False), dtype
 
 
-def load_model(model: ModelConfig, device: str = "cpu"):
+def load_model(model, device: str = "cpu"):
     """Transformer + VAE through the same ``load_prior`` that loads DiT-XL/2."""
-    from pipeline.models import load_prior  # noqa: PLC0415
+    from pipeline.models.loading import load_prior  # noqa: PLC0415
 
     vae = resolve(model.vae) if model.vae else None
     return load_prior(resolve(model.model), vae, device=device, dtype=torch_dtype(model.dtype, device),
                       revision=model.revision or None)
 
 
-def prior_info(model: ModelConfig) -> tuple[int, int]:
+def prior_info(model) -> tuple[int, int]:
     """(image size in pixels, number of classes) of the prior, from its configs alone (no weights)."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415
 
-    from pipeline.models import PriorLoadError, _staging_help  # noqa: PLC0415
+    from pipeline.models.loading import PriorLoadError, staging_help  # noqa: PLC0415
 
     ref = resolve(model.model)
     vref, vsub = vae_source(model)
@@ -78,7 +80,7 @@ def prior_info(model: ModelConfig) -> tuple[int, int]:
     except Exception as exc:  # noqa: BLE001 - one message for every way a config can be missing
         raise PriorLoadError(f"could not read the model configs of {ref} / {vref}: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
-                             + _staging_help(ref, model.vae or None)) from None
+                             + staging_help(ref, model.vae or None)) from None
     sample = tconf["sample_size"]
     sample = sample if isinstance(sample, int) else sample[0]
     return int(sample) * 2 ** (len(vconf["block_out_channels"]) - 1), int(tconf["num_embeds_ada_norm"] or 0)
@@ -107,7 +109,7 @@ def _folder_digest(folder: Path) -> str:
     return _digest_cache[key]
 
 
-def model_fingerprint(model: ModelConfig) -> str:
+def model_fingerprint(model) -> str:
     """What the model *references* do not say: the content of built-in and local model folders.
 
     A retrained ``builtin:mnist10k`` (or a local folder overwritten in place) keeps its name, so the name

@@ -14,7 +14,7 @@ The prior is built from the same diffusers classes as the real DiT-XL/2 + SD VAE
    (the null class is row ``num_classes`` of the label table), DiT's adaLN-Zero initialisation, and an
    EMA of the weights, which is what is saved.
 
-Images go through the pipeline's own preprocessing (``preprocess.centre_crop``, RGB): a 28 px digit is
+Images go through the pipeline's own preprocessing (``common.images.crop_images``, RGB): a 28 px digit is
 resized to 32 px with BICUBIC, exactly as the encode stage of ``distill`` will see it.
 """
 from __future__ import annotations
@@ -30,6 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.common.images import crop_images, to_model_range
+from pipeline.common.log import get_logger
+from pipeline.common.ray_start import init_ray
+
+log = get_logger("train-prior").info
 
 
 @dataclass
@@ -88,19 +94,18 @@ def load_training_images(data: str, image_size: int) -> tuple[np.ndarray, np.nda
     """
     from PIL import Image  # noqa: PLC0415
 
-    from pipeline import datasets  # noqa: PLC0415
-    from pipeline.preprocess import centre_crop, decode_image  # noqa: PLC0415
+    from pipeline.inputs import datasets  # noqa: PLC0415
+    from pipeline.inputs.preprocess import decode_image  # noqa: PLC0415
 
     if data in datasets.builtin_names():
         images, labels, class_names = datasets.load_builtin(data, split="train")
-        pixels = np.stack([np.asarray(centre_crop(Image.fromarray(im).convert("RGB"), image_size))
-                           for im in images])
+        pixels = crop_images(images, image_size)
         return pixels, labels.astype(np.int64), list(class_names)
     root = Path(data).expanduser()
     if not root.is_dir():
         raise SystemExit(f"--data {data!r} is neither a built-in dataset ({', '.join(datasets.builtin_names())}) "
                          "nor a folder")
-    from pipeline.sources import list_imagefolder  # noqa: PLC0415
+    from pipeline.inputs.sources import list_imagefolder  # noqa: PLC0415
 
     listing = list_imagefolder(root, "train")
     pixels, labels, bad = [], [], 0
@@ -115,7 +120,7 @@ def load_training_images(data: str, image_size: int) -> tuple[np.ndarray, np.nda
             pixels.append(arr)
             labels.append(y)
     if bad:
-        print(f"[train-prior] skipped {bad} files that do not decode")
+        log(f"skipped {bad} files that do not decode")
     if not pixels:
         raise SystemExit(f"no decodable images under {listing.root}")
     return np.stack(pixels), np.asarray(labels, dtype=np.int64), list(listing.classes)
@@ -351,7 +356,7 @@ class _Meter:
 
 def _say(rank: int, msg: str) -> None:
     if rank == 0:
-        print(f"[train-prior {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+        log(msg)
 
 
 class _Run:
@@ -419,7 +424,7 @@ def _train_vae(cfg, pixels, device, rank, world, run: _Run):
         meter, t_epoch = _Meter(), time.perf_counter()
         # The batch order of an epoch depends on (seed, stage, epoch) only, so a resumed run sees the same.
         for idx in _batches(len(pixels), cfg.vae_batch_size, rank, world, np.random.default_rng([cfg.seed, 0, epoch])):
-            x = _to_model_range(pixels[idx], device)
+            x = to_model_range(pixels[idx], device)
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
             l1 = (recon - x).abs().mean()
@@ -460,13 +465,6 @@ def _allreduce_grads(model) -> None:
             p.grad /= world
 
 
-def _to_model_range(pixels_uint8: np.ndarray, device):
-    import torch  # noqa: PLC0415
-
-    x = torch.from_numpy(np.array(pixels_uint8, copy=True)).to(device)  # Ray's arrays are read-only
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
 def _encode_all(vae, pixels, device, batch: int = 256):
     """Posterior mean and std of every training image (unscaled latent space)."""
     import torch  # noqa: PLC0415
@@ -475,7 +473,7 @@ def _encode_all(vae, pixels, device, batch: int = 256):
     vae.eval()
     with torch.no_grad():
         for start in range(0, len(pixels), batch):
-            post = vae.encode(_to_model_range(pixels[start:start + batch], device)).latent_dist
+            post = vae.encode(to_model_range(pixels[start:start + batch], device)).latent_dist
             means.append(post.mean.float())
             stds.append(post.std.float())
     return torch.cat(means), torch.cat(stds)
@@ -622,38 +620,6 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- driver
-def init_ray(address: str = "") -> None:
-    """Connect to ``address`` / $RAY_ADDRESS, or else start a private local instance.
-
-    Not a bare ``ray.init()``: that silently joins any cluster already running on the machine (another
-    user's ``ray start`` or test cluster), where this job would queue behind, or starve, their work.
-    """
-    import ray  # noqa: PLC0415
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS", "") or "local"
-    # Ray Train re-routes print() in its workers to a logger *and* to Ray's wrapped stdout: every progress
-    # line would reach the console twice.
-    env = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    if address == "local":
-        # A private instance runs without the dashboard, so Ray Train's placement-group cleaner cannot reach
-        # the state API and warns about it once a second. It has nothing to clean: the instance ends with
-        # this process. (On a real cluster the dashboard is up and the cleaner works.)
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": env, "worker_process_setup_hook": "pipeline.train_prior.quiet_worker"})
-    else:  # a cluster's jobs carry their own runtime_env (ray job submit, KubeRay); leave it alone
-        ray.init(address=address, include_dashboard=False, logging_level="WARNING")
-
-
-def quiet_worker() -> None:
-    """Worker setup hook of a private instance (see init_ray)."""
-    import logging  # noqa: PLC0415
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-
-
 def run_name(cfg: PriorTrainConfig) -> str:
     """The same training settings give the same name, which is what lets a rerun resume."""
     import hashlib  # noqa: PLC0415
@@ -676,8 +642,8 @@ def train_prior(cfg: PriorTrainConfig) -> dict:
     if cfg.subset:
         keep = subset_indices(len(pixels), cfg.subset, cfg.seed)
         pixels, labels = pixels[keep], labels[keep]
-    print(f"[train-prior] {cfg.data}: {len(pixels)} images at {cfg.image_size} px, {len(class_names)} classes "
-          f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    log(f"{cfg.data}: {len(pixels)} images at {cfg.image_size} px, {len(class_names)} classes "
+          f"({time.perf_counter() - t0:.1f} s)")
 
     init_ray(cfg.address)
     resources = ray.cluster_resources()
@@ -691,7 +657,7 @@ def train_prior(cfg: PriorTrainConfig) -> dict:
     storage = Path(cfg.storage_path).expanduser().resolve() if cfg.storage_path else out / ".ray_train"
     name = run_name(cfg)
     if (storage / name).is_dir():
-        print(f"[train-prior] resuming from the checkpoints in {storage / name}", flush=True)
+        log(f"resuming from the checkpoints in {storage / name}")
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": asdict(cfg), "pixels": ray.put(pixels), "labels": ray.put(labels),
@@ -701,7 +667,7 @@ def train_prior(cfg: PriorTrainConfig) -> dict:
                              checkpoint_config=CheckpointConfig(num_to_keep=1),
                              failure_config=FailureConfig(max_failures=cfg.max_failures)),
     )
-    print(f"[train-prior] Ray Train: {cfg.workers} worker(s) x {cpus} CPU{', 1 GPU' if use_gpu else ''}", flush=True)
+    log(f"Ray Train: {cfg.workers} worker(s) x {cpus} CPU{', 1 GPU' if use_gpu else ''}")
     result = trainer.fit()
     if result.error:
         raise result.error
@@ -718,8 +684,8 @@ def train_prior(cfg: PriorTrainConfig) -> dict:
     if not cfg.storage_path:
         shutil.rmtree(storage, ignore_errors=True)
     summary = record["summary"]
-    print(f"[train-prior] wrote {out} in {record['seconds_total'] / 60:.1f} min: "
-          + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float)), flush=True)
+    log(f"wrote {out} in {record['seconds_total'] / 60:.1f} min: "
+          + ", ".join(f"{k} {v:.4g}" for k, v in summary.items() if isinstance(v, float)))
     return record
 
 

@@ -164,10 +164,10 @@ def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None
 
 def sample_grid(set_dir: Path, path: Path) -> Path | None:
     """One row per class, every image of the set (demo's contact sheet, 3x, pixel-exact)."""
-    from pipeline.demo import contact_sheet  # noqa: PLC0415
+    from pipeline.common.images import folder_contact_sheet  # noqa: PLC0415
 
     root = set_dir / "train"
     if not root.is_dir():
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    return contact_sheet(root, path)
+    return folder_contact_sheet(root, path)

@@ -1,7 +1,7 @@
 """`manifoldgd evaluate`: train students from scratch on a distilled ImageFolder, test them on real images.
 
     distilled DIR/train/<class>/*.png + real test split
-      -> one Ray task per (architecture, seed): fit a student (pipeline/students.py), top-1 on the test set
+      -> one Ray task per (architecture, seed): fit a student (pipeline/eval/students.py), top-1 on the test set
       -> mean +- std over seeds of the final-epoch top-1 (headline) and of the best-epoch top-1 (labelled)
       -> optional distribution metrics (FID / l2 / MMD) of the distilled set vs the real test images
       -> JSON
@@ -40,10 +40,10 @@ def distilled_classes(distilled: Path) -> list[str]:
 
 def load_distilled(distilled: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images uint8 (N, H, W, 3), labels, class names) of a distilled ImageFolder; labels = sorted order."""
-    from pipeline.demo import load_imagefolder  # noqa: PLC0415
+    from pipeline.common.images import load_png_folder  # noqa: PLC0415
 
     classes = distilled_classes(distilled)
-    images, labels = load_imagefolder(train_root(distilled), classes)
+    images, labels = load_png_folder(train_root(distilled), classes)
     return images, labels, classes
 
 
@@ -53,15 +53,15 @@ def load_test(spec: str, class_names: list[str], size: int) -> tuple[np.ndarray,
     ``spec``: a built-in dataset name (its test split), or an ImageFolder root holding test/, val/ or the
     class folders themselves. Every class of the distilled set must be present; extra classes are dropped.
     """
-    from pipeline.datasets import builtin_names, load_builtin  # noqa: PLC0415
+    from pipeline.inputs.datasets import builtin_names, load_builtin  # noqa: PLC0415
 
     if spec in builtin_names():
-        from pipeline.demo import as_model_images  # noqa: PLC0415
+        from pipeline.common.images import crop_images  # noqa: PLC0415
 
         images, labels, names = load_builtin(spec, "test")
         index = _class_index(names, class_names, spec)
         keep = np.isin(labels, list(index))
-        return as_model_images(images[keep], size), np.asarray([index[y] for y in labels[keep]], dtype=np.int64)
+        return crop_images(images[keep], size), np.asarray([index[y] for y in labels[keep]], dtype=np.int64)
     return _load_test_folder(Path(spec), class_names, size)
 
 
@@ -73,8 +73,8 @@ def _class_index(names: list[str], wanted: list[str], where: str) -> dict[int, i
 
 
 def _load_test_folder(root: Path, class_names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.preprocess import decode_image  # noqa: PLC0415
-    from pipeline.sources import list_imagefolder  # noqa: PLC0415
+    from pipeline.inputs.preprocess import decode_image  # noqa: PLC0415
+    from pipeline.inputs.sources import list_imagefolder  # noqa: PLC0415
 
     if not root.is_dir():
         raise FileNotFoundError(f"test data {root} is neither a built-in dataset nor a folder")
@@ -109,7 +109,7 @@ def _train_task(images, labels, num_classes: int, recipe: dict, seed: int, test_
                 threads: int) -> dict:
     import torch  # noqa: PLC0415
 
-    from pipeline.students import StudentRecipe, fit  # noqa: PLC0415
+    from pipeline.eval.students import StudentRecipe, fit  # noqa: PLC0415
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,7 +125,7 @@ def run_student_jobs(jobs: list[StudentJob], test: tuple[np.ndarray, np.ndarray]
     caller can write results as they come (what makes the benchmark resumable)."""
     import ray  # noqa: PLC0415
 
-    from pipeline.distill import init_ray  # noqa: PLC0415
+    from pipeline.common.ray_start import init_ray  # noqa: PLC0415
 
     if not jobs:
         return
@@ -173,7 +173,7 @@ def summarise(results: list[dict]) -> dict:
 def resolve_features(spec: str, test_spec: str):
     """``none`` -> None; ``auto`` -> the shipped net of a built-in test set, else Inception-v3 if staged,
     else None with a note; anything else -> that extractor (a missing one is an error)."""
-    from pipeline.features import FeatureLoadError, default_extractor, load_extractor  # noqa: PLC0415
+    from pipeline.eval.features import FeatureLoadError, default_extractor, load_extractor  # noqa: PLC0415
 
     if spec == "none":
         return None
@@ -199,7 +199,7 @@ def set_metrics(extractor, real_features: np.ndarray, images: np.ndarray, refere
 # -------------------------------------------------------------------------------------------- CLI
 def parse_student_settings(items: list[str]) -> dict:
     """``--student key=value`` -> typed StudentRecipe overrides."""
-    from pipeline.students import StudentRecipe  # noqa: PLC0415
+    from pipeline.eval.students import StudentRecipe  # noqa: PLC0415
 
     fields = StudentRecipe.__dataclass_fields__
     out = {}
@@ -230,7 +230,7 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.students import recipe_for  # noqa: PLC0415
+    from pipeline.eval.students import recipe_for  # noqa: PLC0415
 
     start = time.perf_counter()
     try:
@@ -288,7 +288,3 @@ def register(sub) -> None:
     p.add_argument("--out", help="JSON file (default DIR/eval.json)")
     add_student_arguments(p)
     p.set_defaults(func=cmd_evaluate)
-
-    from pipeline import benchmark  # noqa: PLC0415  - `benchmark` lives in its own module
-
-    benchmark.register(sub)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ops.metrics import GaussianReference
-from pipeline.evaluate import (
+from pipeline.eval.evaluate import (
     StudentJob,
     add_student_arguments,
     load_distilled,
@@ -40,7 +40,11 @@ from pipeline.evaluate import (
     set_metrics,
     summarise,
 )
-from pipeline.outputs import atomic_write_bytes, atomic_write_json
+from pipeline.common.log import get_logger
+from pipeline.common.outputs import atomic_write_bytes, atomic_write_json
+
+
+log = get_logger("benchmark").info
 
 
 @dataclass(frozen=True)
@@ -105,20 +109,16 @@ def parse_methods(spec: str, table: dict[str, Method] | None = None) -> list[str
     return out
 
 
-def log(msg: str) -> None:
-    print(f"[benchmark {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # ------------------------------------------------------------------------------------ real baselines
 class RealPool:
     """The training images the distill runs saw, addressed by the ids the encode stage gave them."""
 
     def __init__(self, data: str, size: int):
-        from pipeline.datasets import builtin_names, load_builtin  # noqa: PLC0415
+        from pipeline.inputs.datasets import builtin_names, load_builtin  # noqa: PLC0415
 
         self.size = size
         if data in builtin_names():
-            from pipeline.demo import as_model_images  # noqa: PLC0415
+            from pipeline.common.images import crop_images  # noqa: PLC0415
 
             images, labels, names = load_builtin(data, "train")
             self.classes = list(names)
@@ -126,11 +126,11 @@ class RealPool:
             for i, y in enumerate(labels):
                 self.ids[names[y]].append(f"{names[y]}/{i:05d}")  # as distill.input_dataset names them
             self._images = images
-            self._pixels = lambda ids: as_model_images(self._images[[int(i.split("/")[-1]) for i in ids]], size)
+            self._pixels = lambda ids: crop_images(self._images[[int(i.split("/")[-1]) for i in ids]], size)
         else:
             from pipeline.config import DataConfig  # noqa: PLC0415
-            from pipeline.preprocess import decode_image  # noqa: PLC0415
-            from pipeline.sources import list_source  # noqa: PLC0415
+            from pipeline.inputs.preprocess import decode_image  # noqa: PLC0415
+            from pipeline.inputs.sources import list_source  # noqa: PLC0415
 
             listing = list_source(DataConfig(path=data))
             if listing.kind != "imagefolder":
@@ -155,7 +155,7 @@ def random_ids(pool: RealPool, ipc: int, seed: int) -> dict[str, list[str]]:
 def kmeans_nearest_ids(distill_dir: Path, classes: list[str]) -> dict[str, list[str]]:
     """Per class, the real image whose latent is nearest each k-means centroid of the MGD3 run (k-means on
     the VAE latents, k = IPC, the same seed), each real image used at most once."""
-    from pipeline.centroids import read_class_latents  # noqa: PLC0415
+    from pipeline.distill.plan import read_class_latents  # noqa: PLC0415
 
     out = {}
     for c in classes:
@@ -175,7 +175,7 @@ def kmeans_nearest_ids(distill_dir: Path, classes: list[str]) -> dict[str, list[
 
 def write_real_set(pool: RealPool, selection: dict[str, list[str]], out: Path) -> None:
     """An ImageFolder like distill's (train/<class>/<class>_<k>.png), plus the ids it holds."""
-    from pipeline.generate import png_bytes  # noqa: PLC0415
+    from pipeline.common.images import png_bytes  # noqa: PLC0415
 
     if (out / "_SUCCESS").exists():
         return
@@ -230,7 +230,7 @@ def share_latents(out_root: Path, target: Path, key: str) -> None:
 
 def resolved_config(args, method: Method, ipc: int, seed: int, out: Path):
     from pipeline.cli import build_parser  # noqa: PLC0415
-    from pipeline.distill import resolve_config  # noqa: PLC0415
+    from pipeline.distill.run import resolve_config  # noqa: PLC0415
 
     return resolve_config(build_parser().parse_args(distill_args(args, method, ipc, seed, out)))
 
@@ -281,9 +281,9 @@ def load_cell(path: Path, key: str) -> dict | None:
 
 
 def run_benchmark(args) -> dict:
-    from pipeline.distill import init_ray  # noqa: PLC0415
-    from pipeline.features import FeatureLoadError  # noqa: PLC0415
-    from pipeline.students import recipe_for  # noqa: PLC0415
+    from pipeline.common.ray_start import init_ray  # noqa: PLC0415
+    from pipeline.eval.features import FeatureLoadError  # noqa: PLC0415
+    from pipeline.eval.students import recipe_for  # noqa: PLC0415
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -378,8 +378,8 @@ def run_benchmark(args) -> dict:
 
 def write_report(args, out: Path, table, methods, ipcs, seeds, archs, overrides, extractor, timings) -> dict:
     """results.json, table.md, chart.png and the sample grids, from the cells that exist."""
-    from pipeline import report  # noqa: PLC0415
-    from pipeline.students import recipe_for  # noqa: PLC0415
+    from pipeline.eval import report  # noqa: PLC0415
+    from pipeline.eval.students import recipe_for  # noqa: PLC0415
 
     test_spec = args.test or args.data
     results = collect(out, methods, ipcs, seeds, archs, table)
@@ -403,8 +403,8 @@ def _image_size(out: Path, methods: list[Method], ipcs, seeds, args) -> int:
         if m.kind == "distill":
             images, _, _ = load_distilled(set_dir(out, m, ipcs[0], seeds[0]))
             return int(images.shape[1])
-    from pipeline.distill import resolve_config  # noqa: PLC0415
-    from pipeline.model_refs import prior_info  # noqa: PLC0415
+    from pipeline.distill.run import resolve_config  # noqa: PLC0415
+    from pipeline.models.refs import prior_info  # noqa: PLC0415
 
     ns = argparse.Namespace(data=args.data, out=None, ipc=None, seed=None, model=args.model, vae=args.vae,
                             guidance=None, cluster=None, config=None, set=args.set)
@@ -479,7 +479,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("manifoldgd: interrupted; finished cells are kept: rerun the same command to resume", file=sys.stderr)
         return 130
-    from pipeline import report  # noqa: PLC0415
+    from pipeline.eval import report  # noqa: PLC0415
 
     print(report.markdown(results))
     print(f"benchmark finished in {time.perf_counter() - start:.0f}s; wrote {Path(args.out) / 'table.md'}, "

@@ -23,7 +23,11 @@ from collections import deque
 from pathlib import Path
 
 from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
-from pipeline.outputs import OutputDir, atomic_write_json, atomic_write_table
+from pipeline.common.log import get_logger
+from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_table
+from pipeline.common.ray_start import init_ray
+
+log = get_logger().info
 
 MAX_CLASS_ATTEMPTS = 3
 
@@ -63,7 +67,7 @@ def resolve_config(args: argparse.Namespace) -> DistillConfig:
     overrides = parse_set(args.set)
     cfg = build_config(from_file, flags, overrides)
     model_given = any("model" in layer.get("model", {}) for layer in (from_file, flags, overrides))
-    if not model_given and _builtin_prior(cfg.data.path):
+    if not model_given and builtin_prior_exists(cfg.data.path):
         # The shipped prior's own tuned settings sit just above the defaults: a file, a flag or --set wins.
         tuned = prior_defaults(cfg.data.path, cfg.sampler.guidance)
         if tuned:
@@ -79,7 +83,7 @@ def prior_defaults(name: str, guidance: str) -> dict:
 
     The published defaults were chosen for DiT-XL/2's 4,096-d latents; a small prior's latent space can
     want others. Only a setting that won on held-out seeds goes in that file (docs/evaluation.md)."""
-    from pipeline.model_refs import BUILTIN, resolve  # noqa: PLC0415
+    from pipeline.models.refs import BUILTIN, resolve  # noqa: PLC0415
 
     path = Path(resolve(BUILTIN + name)) / "distill_defaults.yaml"
     if not path.is_file():
@@ -87,12 +91,12 @@ def prior_defaults(name: str, guidance: str) -> dict:
     return (load_yaml(str(path)) or {}).get(guidance, {}) or {}
 
 
-def _builtin_prior(name: str) -> bool:
-    from pipeline.sources import builtin_names  # noqa: PLC0415
+def builtin_prior_exists(name: str) -> bool:
+    from pipeline.inputs.sources import builtin_names  # noqa: PLC0415
 
     if name not in builtin_names():
         return False
-    from pipeline.model_refs import BUILTIN, resolve  # noqa: PLC0415
+    from pipeline.models.refs import BUILTIN, resolve  # noqa: PLC0415
 
     try:
         resolve(BUILTIN + name)
@@ -104,8 +108,8 @@ def _builtin_prior(name: str) -> bool:
 def check_model(cfg: DistillConfig, listing) -> int:
     """Fail before Ray starts when the model configs cannot be found, or when the data has labels the
     model does not know; returns the image size."""
-    from pipeline.model_refs import prior_info  # noqa: PLC0415
-    from pipeline.models import PriorLoadError  # noqa: PLC0415
+    from pipeline.models.refs import prior_info  # noqa: PLC0415
+    from pipeline.models.loading import PriorLoadError  # noqa: PLC0415
 
     try:
         size, num_classes = prior_info(cfg.model)
@@ -117,21 +121,6 @@ def check_model(cfg: DistillConfig, listing) -> int:
         raise ConfigError("data.class_map", f"the data has label ids up to {top} but the model knows "
                           f"{num_classes} classes; map the folders to the model's ids with data.class_map")
     return size
-
-
-# ------------------------------------------------------------------------------------------- ray
-def init_ray() -> None:
-    import ray  # noqa: PLC0415
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Under `ray job submit` / KubeRay, RAY_ADDRESS points at the cluster; otherwise this starts one.
-    ray.init(include_dashboard=False, logging_level="WARNING", configure_logging=True)
-
-
-def log(msg: str) -> None:
-    print(f"[manifoldgd {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 # ------------------------------------------------------------------------------------- stage 1
@@ -151,8 +140,8 @@ def input_dataset(listing):
         ds = ray.data.read_parquet(listing.root, columns=["image", "label"])
         return ds.map_batches(functools.partial(_label_from_parquet, labels=listing.labels,
                                                 name=Path(listing.root).name), batch_format="numpy")
-    from pipeline import datasets  # noqa: PLC0415
-    from pipeline.generate import png_bytes  # noqa: PLC0415
+    from pipeline.inputs import datasets  # noqa: PLC0415
+    from pipeline.common.images import png_bytes  # noqa: PLC0415
 
     images, labels, names = datasets.load_builtin(listing.root, split="train")
     table = pa.table({
@@ -188,7 +177,7 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
     import ray  # noqa: PLC0415
     import ray.data  # noqa: PLC0415
 
-    from pipeline.encode import VAEEncoder, decode_batch, pool_size  # noqa: PLC0415
+    from pipeline.distill.encode import VAEEncoder, decode_batch, pool_size  # noqa: PLC0415
 
     if (out.latents / "_DONE").exists():
         log("encode: latents found, skipping")
@@ -241,7 +230,7 @@ def latent_counts(out: OutputDir) -> dict[str, int]:
 def plan_stage(cfg: DistillConfig, classes: list[str], out: OutputDir) -> list[dict]:
     import ray  # noqa: PLC0415
 
-    from pipeline.centroids import run_class  # noqa: PLC0415
+    from pipeline.distill.plan import run_class  # noqa: PLC0415
 
     task = ray.remote(num_cpus=1)(run_class)
     refs = [task.remote(str(out.latents), c, cfg, str(out.centroid_file(c))) for c in classes]
@@ -257,7 +246,7 @@ def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: Outp
     import ray  # noqa: PLC0415
     from ray.exceptions import RayActorError  # noqa: PLC0415
 
-    from pipeline.generate import ClassSampler  # noqa: PLC0415
+    from pipeline.distill.sample import ClassSampler  # noqa: PLC0415
 
     todo = deque(c for c in classes if not out.is_class_done(c))
     log(f"sample: {len(classes) - len(todo)}/{len(classes)} classes already complete")
@@ -433,7 +422,7 @@ def dry_run(cfg: DistillConfig, listing) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from pipeline.sources import list_source  # noqa: PLC0415
+    from pipeline.inputs.sources import list_source  # noqa: PLC0415
 
     try:
         cfg = validate(resolve_config(args))

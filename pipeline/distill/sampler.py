@@ -45,7 +45,7 @@ from ops.schedule import (
     posterior_mean_coefficients,
     respaced_schedule,
 )
-from pipeline.models import Prior
+from pipeline.models.loading import Prior
 
 SAMPLERS = ("ddpm", "ddim")
 CFG_CHANNELS = ("dit", "all")

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from pipeline.preprocess import decode_image
+from pipeline.inputs.preprocess import decode_image
 
 LATENT_COLUMNS = ("id", "class_name", "label", "latent", "error")
 
@@ -59,7 +59,7 @@ class VAEEncoder:
         import torch  # noqa: PLC0415
 
         from pipeline.config import ModelConfig  # noqa: PLC0415
-        from pipeline.model_refs import load_vae  # noqa: PLC0415
+        from pipeline.models.refs import load_vae  # noqa: PLC0415
 
         if threads:
             torch.set_num_threads(threads)
