@@ -76,7 +76,7 @@ class Backend:
     def __init__(self, gpu: bool):
         self.gpu = gpu
         if gpu:
-            import cupy  # noqa: PLC0415
+            import cupy
 
             self.xp = cupy
             self.pool = cupy.get_default_memory_pool()
@@ -139,9 +139,9 @@ def max_principal_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------------------------- 1 VAE encode
 def bench_vae(vae, batches, image_px: int, device: str, repeats: int) -> list[dict]:
-    import torch  # noqa: PLC0415
+    import torch
 
-    from pipeline.distill.encode import encode_pixels  # noqa: PLC0415
+    from pipeline.distill.encode import encode_pixels
 
     cuda = device == "cuda"
     dtype = next(vae.parameters()).dtype
@@ -168,9 +168,9 @@ def bench_vae(vae, batches, image_px: int, device: str, repeats: int) -> list[di
 
 # -------------------------------------------------------------------------------- 3 clustering
 def bench_cluster(X: np.ndarray, gpu: Backend, host: Backend, leaves: int, ipcs, repeats: int) -> list[dict]:
-    import warnings  # noqa: PLC0415
+    import warnings
 
-    from ops.clustering import divisive_kmeans, select_ipc_nodes  # noqa: PLC0415
+    from ops.clustering import divisive_kmeans, select_ipc_nodes
 
     Xd = gpu.asarray(X)
     rows = []
@@ -205,7 +205,7 @@ def _stacked(bases) -> np.ndarray:
 
 def bench_tangent(X: np.ndarray, centroids: np.ndarray, gpu: Backend, host: Backend, *, k: int, dim: int,
                   guided_steps: int, warm_steps: int, repeats: int) -> list[dict]:
-    from ops.tangent import annealed_bases, default_radius, neighbourhood, tangent_basis  # noqa: PLC0415
+    from ops.tangent import annealed_bases, default_radius, neighbourhood, tangent_basis
 
     def knn_bases(A, C):
         return [tangent_basis(A[neighbourhood(A, c, 0.0, min_count=k)], dim) for c in C]
@@ -241,9 +241,9 @@ def bench_tangent(X: np.ndarray, centroids: np.ndarray, gpu: Backend, host: Back
 def count_flops(dit_kwargs: dict, vae_kwargs: dict, image_px: int) -> dict:
     """FLOP per image (2 per multiply-add, as GPU peaks are quoted) of a VAE encode, a VAE decode and
     one DiT forward, counted by torch.utils.flop_counter on meta tensors: no memory, no compute, no GPU."""
-    import torch  # noqa: PLC0415
-    from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415
-    from torch.utils.flop_counter import FlopCounterMode  # noqa: PLC0415
+    import torch
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         vae = AutoencoderKL(**vae_kwargs).eval()
@@ -304,7 +304,7 @@ def main(argv=None) -> dict:
         n, d, leaves, ipcs, modes_n, k = 1300, 4096, 50, [10, 50], 30, 12
 
     if "vae" in sections or "dit" in sections:
-        import torch  # noqa: PLC0415
+        import torch
 
         sampler_bench = _load_bench("gpu_sampler")
         if not args.smoke:
@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
             print(f"--- 3. divisive clustering, one class of {n} x {d} float32 (bench/ops.py:latent_like)", flush=True)
             results["cluster"] = bench_cluster(X, gpu, host, leaves, ipcs, repeats)
         if "tangent" in sections:
-            from ops.clustering import select_ipc_nodes  # noqa: PLC0415
+            from ops.clustering import select_ipc_nodes
 
             centroids = np.asarray(select_ipc_nodes(X, ipcs[-1], seed=0).centroids)
             print(f"--- 4. tangent bases for {len(centroids)} centroids (IPC {ipcs[-1]})", flush=True)

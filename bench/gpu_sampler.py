@@ -42,9 +42,9 @@ TINY_VAE = dict(block_out_channels=(8, 16), layers_per_block=1, latent_channels=
 
 def build_prior(dit_kwargs: dict, vae_kwargs: dict | None, device: str, dtype=torch.float32, seed: int = 0):
     """Random-init transformer (+ VAE) wrapped as a Prior, built directly on ``device``."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-    from pipeline.models.loading import describe_prior  # noqa: PLC0415
+    from pipeline.models.loading import describe_prior
 
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
@@ -72,7 +72,7 @@ def _sync(device):
 
 
 def run(batches, modes, *, steps: int, device: str, prior, tangent_dim: int = 3, repeats: int = 1):
-    from pipeline.distill.sampler import GuidedSampler, SamplerConfig  # noqa: PLC0415
+    from pipeline.distill.sampler import GuidedSampler, SamplerConfig
 
     cuda = torch.device(device).type == "cuda"
     results = []

@@ -70,7 +70,7 @@ def partition_sse(X: np.ndarray, labels: np.ndarray) -> float:
 
 
 def bench_tangent(D: int = 4096, K: int = 12, dim: int = 3) -> None:
-    from ops.tangent import tangent_basis  # noqa: PLC0415 - written by another session; fail here only
+    from ops.tangent import tangent_basis
 
     rng = np.random.default_rng(0)
     neighbours = (rng.standard_normal((K, D)) * np.linspace(2.0, 0.5, D)).astype(np.float32)

@@ -28,10 +28,10 @@ def in_process(cfg, listing, image_size):
     """Stages 1-3 without Ray: the same functions, called in a loop."""
     import numpy as np
 
-    from pipeline.distill.plan import plan_class
-    from pipeline.distill.encode import VAEEncoder, decode_batch
-    from pipeline.distill.sample import ClassSampler
     from pipeline.common.outputs import OutputDir
+    from pipeline.distill.encode import VAEEncoder, decode_batch
+    from pipeline.distill.plan import plan_class
+    from pipeline.distill.sample import ClassSampler
 
     out = OutputDir(cfg.out)
     base = Path(listing.root)
@@ -68,11 +68,11 @@ def main() -> None:
 
     import ray
 
+    from pipeline.common.outputs import OutputDir
     from pipeline.config import build_config, validate
     from pipeline.distill.run import encode_stage, run
-    from pipeline.models.refs import prior_info
-    from pipeline.common.outputs import OutputDir
     from pipeline.inputs.sources import list_source
+    from pipeline.models.refs import prior_info
 
     tmp = Path(tempfile.mkdtemp(prefix="mgd-bench-"))
     prior = save_tiny_prior(tmp / "prior", num_classes=args.classes)

@@ -57,7 +57,7 @@ MiB = 2**20
 # -------------------------------------------------------------------------------------- inputs
 def class_wnids(n: int) -> list[str]:
     """Imagenette / ImageNet-100 / ImageNet-1K wnids for 10 / 100 / 1000; else the first n of the 1K list."""
-    from pipeline.inputs.sources import class_subset  # noqa: PLC0415
+    from pipeline.inputs.sources import class_subset
 
     if n in SHIPPED_BY_SIZE:
         return sorted(class_subset(SHIPPED_BY_SIZE[n]))
@@ -66,7 +66,7 @@ def class_wnids(n: int) -> list[str]:
 
 def make_data(root: Path, wnids: list[str], per_class: int, size: int) -> Path:
     """root/train/<wnid>/img_<i>.png, written once (a _DONE marker makes reruns reuse it)."""
-    from conftest import write_image_folder  # noqa: PLC0415
+    from conftest import write_image_folder
 
     if not (root / "_DONE").exists():
         write_image_folder(root, {w: per_class for w in wnids}, size=size)
@@ -75,7 +75,7 @@ def make_data(root: Path, wnids: list[str], per_class: int, size: int) -> Path:
 
 
 def make_prior(folder: Path) -> Path:
-    from conftest import save_tiny_prior  # noqa: PLC0415
+    from conftest import save_tiny_prior
 
     if not (folder / "transformer").is_dir():
         save_tiny_prior(folder, num_classes=1000)
@@ -88,7 +88,7 @@ class PeakSampler(threading.Thread):
 
     def __init__(self):
         super().__init__(daemon=True)
-        import psutil  # noqa: PLC0415
+        import psutil
 
         self.proc = psutil.Process()
         self.stop_flag = threading.Event()
@@ -101,14 +101,14 @@ class PeakSampler(threading.Thread):
         self.t0 = time.monotonic()
 
     def _store_bytes(self, state) -> tuple[int, int]:
-        from ray._private.internal_api import get_memory_info_reply  # noqa: PLC0415
+        from ray._private.internal_api import get_memory_info_reply
 
         stats = get_memory_info_reply(state, timeout_seconds=5).store_stats
         return int(stats.object_store_bytes_used), int(stats.object_store_bytes_avail)
 
     def run(self) -> None:
-        import ray  # noqa: PLC0415
-        from ray._private.internal_api import get_state_from_address  # noqa: PLC0415
+        import ray
+        from ray._private.internal_api import get_state_from_address
 
         state = get_state_from_address(ray.get_runtime_context().gcs_address)
         last_store = 0.0
@@ -170,9 +170,9 @@ def capture(module, name: str, sink: dict):
 
 def decode_rate(listing, image_size: int, limit: int = 2000) -> float:
     """Files/s read from disk and decoded with DiT's preprocessing in this process (no Ray)."""
-    import numpy as np  # noqa: PLC0415
+    import numpy as np
 
-    from pipeline.distill.encode import decode_batch  # noqa: PLC0415
+    from pipeline.distill.encode import decode_batch
 
     files = listing.files[:limit]
     base = Path(listing.root)
@@ -190,9 +190,9 @@ def decode_rate(listing, image_size: int, limit: int = 2000) -> float:
 def read_partition_only(latents_dir: Path, class_name: str):
     """The proposed fix to ``read_class_latents``: open only the class's own partition folder, so the
     cost does not grow with the number of classes (pyarrow lists every file of a dataset it opens)."""
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.compute as pc  # noqa: PLC0415
-    import pyarrow.dataset as pds  # noqa: PLC0415
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.dataset as pds
 
     part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
     folder = Path(latents_dir) / part.format(pc.field("class_name") == class_name)[0]
@@ -202,7 +202,7 @@ def read_partition_only(latents_dir: Path, class_name: str):
 
 def read_costs(out, classes: list[str], probes: int = 10) -> dict:
     """Median seconds to read one class's latents: as stage 2 does now, and partition-only."""
-    from pipeline.distill.plan import read_class_latents  # noqa: PLC0415
+    from pipeline.distill.plan import read_class_latents
 
     picks = [classes[int(i * (len(classes) - 1) / max(probes - 1, 1))] for i in range(min(probes, len(classes)))]
     result = {}
@@ -219,13 +219,13 @@ def read_costs(out, classes: list[str], probes: int = 10) -> dict:
 
 # ------------------------------------------------------------------------------------ one size
 def one_size(classes: int, args) -> dict:
-    import ray  # noqa: PLC0415
+    import ray
 
-    from pipeline.distill.run import run as distill  # noqa: PLC0415
-    from pipeline.config import build_config, validate  # noqa: PLC0415
-    from pipeline.models.refs import prior_info  # noqa: PLC0415
-    from pipeline.common.outputs import OutputDir  # noqa: PLC0415
-    from pipeline.inputs.sources import list_source  # noqa: PLC0415
+    from pipeline.common.outputs import OutputDir
+    from pipeline.config import build_config, validate
+    from pipeline.distill.run import run as distill
+    from pipeline.inputs.sources import list_source
+    from pipeline.models.refs import prior_info
 
     work = Path(args.work)
     t = time.perf_counter()
@@ -249,7 +249,7 @@ def one_size(classes: int, args) -> dict:
     stages: dict = {}
     capture(distill, "plan_stage", stages)
     capture(distill, "sample_stage", stages)
-    import psutil  # noqa: PLC0415
+    import psutil
 
     rss_before = psutil.Process().memory_info().rss  # after listing and Ray's start, before the run
     peaks = PeakSampler()
@@ -303,10 +303,10 @@ def one_size(classes: int, args) -> dict:
 # ------------------------------------------------------------------- real-size costs, one class
 def jpeg_like_imagenet(seed: int = 0) -> bytes:
     """A 500 x 375 JPEG (quality 90) of smooth structure plus texture: ImageNet's typical size and weight."""
-    import io  # noqa: PLC0415
+    import io
 
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import numpy as np
+    from PIL import Image
 
     rng = np.random.default_rng(seed)
     coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
@@ -319,14 +319,14 @@ def jpeg_like_imagenet(seed: int = 0) -> bytes:
 def class_costs(args) -> dict:
     """CPU seconds of stage 2 for one ImageNet-sized class (1,300 x 4,096 latents), on one thread, and
     the one-core rate of decoding + preprocessing ImageNet-sized JPEGs to 256 px."""
-    import importlib.util  # noqa: PLC0415
+    import importlib.util
 
-    from threadpoolctl import threadpool_limits  # noqa: PLC0415
+    from threadpoolctl import threadpool_limits
 
-    from ops.clustering import select_ipc_nodes  # noqa: PLC0415
-    from pipeline.distill.plan import plan_class  # noqa: PLC0415
-    from pipeline.config import build_config, validate  # noqa: PLC0415
-    from pipeline.inputs.preprocess import decode_image  # noqa: PLC0415
+    from ops.clustering import select_ipc_nodes
+    from pipeline.config import build_config, validate
+    from pipeline.distill.plan import plan_class
+    from pipeline.inputs.preprocess import decode_image
 
     spec = importlib.util.spec_from_file_location("bench_ops", HERE.parent / "ops.py")
     bench_ops = importlib.util.module_from_spec(spec)
@@ -371,7 +371,7 @@ VAE_DECODE_TFLOP = 0.622
 
 def capacity(costs: dict, scale: dict | None, a) -> tuple[list[dict], str]:
     """Hours per stage for each dataset x IPC x GPU count under the stated assumptions (an estimate)."""
-    import math  # noqa: PLC0415
+    import math
 
     per_gpu = a.peak_tflops * a.efficiency                       # TFLOP/s achieved per GPU (assumed)
     sample_tflop = 2 * a.steps * DIT_XL_FORWARD_TFLOP + VAE_DECODE_TFLOP  # CFG: two forwards per step

@@ -26,7 +26,7 @@ def is_gpu_array(x) -> bool:
     return array_module(x) is not np
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cupy_available() -> bool:
     """True when CuPy imports *and* a CUDA device can be used."""
     if importlib.util.find_spec("cupy") is None:
@@ -39,7 +39,7 @@ def cupy_available() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def cuml_available() -> bool:
     if not cupy_available() or importlib.util.find_spec("cuml") is None:
         return False

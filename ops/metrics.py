@@ -70,7 +70,7 @@ class GaussianReference:
     root: np.ndarray
 
     @classmethod
-    def of(cls, features) -> "GaussianReference":
+    def of(cls, features) -> GaussianReference:
         mu, sigma = gaussian_stats(features)
         return cls(mu, sigma, _psd_sqrt(sigma))
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.cli import main as cli_main
 from pipeline.common.images import crop_images, folder_contact_sheet, load_png_folder, random_subset
+from pipeline.distill.run import builtin_prior_exists
+from pipeline.eval.students import StudentRecipe, accuracy, train_student
+from pipeline.inputs.datasets import load_builtin
 
 
 def evaluate_against_random(distilled_dir: Path, dataset: str, ipc: int, seeds: int, epochs: int) -> dict:
-    from pipeline.inputs.datasets import load_builtin  # noqa: PLC0415
-    from pipeline.eval.students import StudentRecipe, accuracy, train_student  # noqa: PLC0415
-
     train_x, train_y, names = load_builtin(dataset, "train")
     test_x, test_y, _ = load_builtin(dataset, "test")
     syn_x, syn_y = load_png_folder(distilled_dir / "train", names)
@@ -39,10 +40,6 @@ def evaluate_against_random(distilled_dir: Path, dataset: str, ipc: int, seeds: 
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.cli import main as cli_main  # noqa: PLC0415
-
-    from pipeline.distill.run import builtin_prior_exists  # noqa: PLC0415
-
     out = Path(args.out)
     start = time.perf_counter()
     if not any(s.startswith("model.model=") for s in args.set) and not builtin_prior_exists(args.data):

@@ -7,7 +7,6 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from pipeline.cli import main
@@ -40,7 +39,7 @@ def make_bad_dataset(root):
         "palette.png": _save(_rgb(4).convert("P"), "PNG"),
         "la.png": _save(_rgb(5).convert("LA"), "PNG"),
         "rgba.png": _save(_rgb(6).convert("RGBA"), "PNG"),
-        "sixteen.png": _save(Image.fromarray((np.arange(24 * 24, dtype=np.uint16).reshape(24, 24) * 97)), "PNG"),
+        "sixteen.png": _save(Image.fromarray(np.arange(24 * 24, dtype=np.uint16).reshape(24, 24) * 97), "PNG"),
         "animated.gif": None,
         "tiny 1x1.png": _save(_rgb(7, (1, 1)), "PNG"),
         "long 1x4000.png": _save(_rgb(8, (1, 4000)), "PNG"),
@@ -80,11 +79,10 @@ def test_unusual_but_valid_images_decode():
     arr, reason = decode_image(_save(_rgb(13, (30, 20)), "JPEG", exif=exif.tobytes()), 16)
     assert reason == "" and arr.shape == (16, 16, 3)
     # EXIF rotation is applied: a 30 x 20 landscape turned by 90 degrees has 30 rows before cropping
-    from pipeline.inputs.preprocess import centre_crop
     with Image.open(io.BytesIO(_save(_rgb(13, (30, 20)), "JPEG", exif=exif.tobytes()))) as im:
         from PIL import ImageOps
         assert ImageOps.exif_transpose(im).size == (20, 30)
-    sixteen = Image.fromarray((np.full((8, 8), 65535, dtype=np.uint16)))
+    sixteen = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
     arr, _ = decode_image(_save(sixteen, "PNG"), 8)
     assert arr.min() == 255  # 16-bit white stays white, not clipped garbage
     rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 0))

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import write_image_folder
+
 from pipeline.cli import main
 from pipeline.config import DistillConfig, build_config, parse_set
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.inputs import datasets
 from pipeline.cli import main as cli_main
+from pipeline.inputs import datasets
 
 REPO = Path(__file__).resolve().parents[1]
 

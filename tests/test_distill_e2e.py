@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from conftest import write_image_folder
 from PIL import Image
 
-from conftest import write_image_folder
 from pipeline.cli import main
 
 

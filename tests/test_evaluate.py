@@ -106,9 +106,9 @@ def test_fit_learns_a_separable_task_and_reports_final_and_best():
 
 # ------------------------------------------------------------------------------------------ features
 def test_shipped_mnist10k_features_are_named_and_separate_classes():
-    from pipeline.inputs.datasets import load_builtin
     from pipeline.common.images import crop_images
     from pipeline.eval.features import load_extractor
+    from pipeline.inputs.datasets import load_builtin
 
     ex = load_extractor("mnist10k")
     assert "mnist10k train split" in ex.name and "%" in ex.name
@@ -319,8 +319,8 @@ def test_report_marks_missing_cells(tmp_path):
 
 
 def test_load_test_builtin_maps_classes_by_name():
-    from pipeline.inputs.datasets import load_builtin
     from pipeline.eval.evaluate import load_test
+    from pipeline.inputs.datasets import load_builtin
 
     _, y, names = load_builtin("mnist10k", "test")
     x3, y3 = load_test("mnist10k", ["7", "2"], 32)

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_image_folder
 from PIL import Image
 
-from conftest import write_image_folder
 from pipeline.cli import main
 
 

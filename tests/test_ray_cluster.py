@@ -6,15 +6,14 @@ import os
 import shutil
 import signal
 import socket
-import tempfile
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from conftest import write_image_folder
 
 pytestmark = pytest.mark.cluster
@@ -101,7 +100,6 @@ def test_ray_job_submit(tmp_path, tiny_prior):
 
 def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path):
     import ray
-
     from conftest import save_tiny_prior
     from ray.cluster_utils import Cluster
 

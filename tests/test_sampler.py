@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from ops.schedule import linear_betas
-from pipeline.models.loading import PriorLoadError, load_prior
 from pipeline.distill.sampler import GuidedSampler, SamplerConfig, denoise_step, sample_seed
+from pipeline.models.loading import PriorLoadError, load_prior
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = 8  # latent side; the VAE below doubles it

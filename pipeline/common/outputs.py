@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from pipeline.config import ConfigError, DistillConfig
 
 WORK = "_work"
@@ -44,8 +46,6 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_write_table(path: Path, table) -> None:
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     buf = io.BytesIO()
     pq.write_table(table, buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -7,11 +7,14 @@ parquet partitioned by class. Latent = posterior mean x scaling factor, flattene
 from __future__ import annotations
 
 import hashlib
-import os
 
 import numpy as np
+import ray
+import torch
 
+from pipeline.config import ModelConfig
 from pipeline.inputs.preprocess import decode_image
+from pipeline.models.refs import load_vae
 
 LATENT_COLUMNS = ("id", "class_name", "label", "latent", "error")
 
@@ -41,8 +44,6 @@ def encode_pixels(vae, pixels: np.ndarray, device, dtype):
 
     The inverse of the sampler's decode, so centroids live in the space x_t lives in.
     """
-    import torch  # noqa: PLC0415
-
     scale = float(vae.config.scaling_factor)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
     x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(torch.float32)
@@ -56,11 +57,6 @@ class VAEEncoder:
     """Ray Data actor: loads the VAE once, encodes the rows that decoded."""
 
     def __init__(self, model: dict, threads: int = 0, micro_batch: int = 64):
-        import torch  # noqa: PLC0415
-
-        from pipeline.config import ModelConfig  # noqa: PLC0415
-        from pipeline.models.refs import load_vae  # noqa: PLC0415
-
         if threads:
             torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -101,8 +97,6 @@ def _pad_rows(pixels: np.ndarray, rows: int) -> np.ndarray:
 
 def pool_size(requested: int, use_gpu: bool) -> tuple[int, int]:
     """(min, max) encode actors. On CPU leave a core to the read and decode tasks (2-core deadlock)."""
-    import ray  # noqa: PLC0415
-
     free = ray.available_resources()
     if use_gpu:
         n = int(free.get("GPU", 0)) or 1

@@ -11,6 +11,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
 
 from ops.clustering import select_ipc_nodes
 from ops.tangent import (
@@ -20,8 +23,8 @@ from ops.tangent import (
     tangent_basis,
     tangent_basis_by_variance,
 )
-from pipeline.config import DistillConfig
 from pipeline.common.outputs import atomic_write_bytes
+from pipeline.config import DistillConfig
 
 
 def guided_steps(num_steps: int, t_stop: int) -> int:
@@ -31,10 +34,6 @@ def guided_steps(num_steps: int, t_stop: int) -> int:
 
 def read_class_latents(latents_dir: Path, class_name: str) -> tuple[np.ndarray, np.ndarray]:
     """(ids sorted, latents (N, D) float32) of the class's successfully encoded images."""
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.compute as pc  # noqa: PLC0415
-    import pyarrow.dataset as pds  # noqa: PLC0415
-
     part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
     # Open only this class's folder (named with the writer's escaping): listing the whole dataset per
     # class made stage 2 O(classes x files) (bench/scale.py, docs/scale.md).

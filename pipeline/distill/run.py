@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
+import hashlib
 import os
 import platform
 import shutil
@@ -20,12 +20,31 @@ import sys
 import threading
 import time
 from collections import deque
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+import ray
+import ray.data
+import torch
+from ray.exceptions import RayActorError
+
+from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_table
 from pipeline.common.ray_start import init_ray
+from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
+from pipeline.distill.encode import VAEEncoder, decode_batch, pool_size
+from pipeline.distill.plan import run_class
+from pipeline.distill.sample import ClassSampler
+from pipeline.inputs import datasets
+from pipeline.inputs.sources import builtin_names, list_source
+from pipeline.models.loading import PriorLoadError
+from pipeline.models.refs import BUILTIN, prior_info, resolve
 
 log = get_logger().info
 
@@ -83,8 +102,6 @@ def prior_defaults(name: str, guidance: str) -> dict:
 
     The published defaults were chosen for DiT-XL/2's 4,096-d latents; a small prior's latent space can
     want others. Only a setting that won on held-out seeds goes in that file (docs/evaluation.md)."""
-    from pipeline.models.refs import BUILTIN, resolve  # noqa: PLC0415
-
     path = Path(resolve(BUILTIN + name)) / "distill_defaults.yaml"
     if not path.is_file():
         return {}
@@ -92,11 +109,8 @@ def prior_defaults(name: str, guidance: str) -> dict:
 
 
 def builtin_prior_exists(name: str) -> bool:
-    from pipeline.inputs.sources import builtin_names  # noqa: PLC0415
-
     if name not in builtin_names():
         return False
-    from pipeline.models.refs import BUILTIN, resolve  # noqa: PLC0415
 
     try:
         resolve(BUILTIN + name)
@@ -108,9 +122,6 @@ def builtin_prior_exists(name: str) -> bool:
 def check_model(cfg: DistillConfig, listing) -> int:
     """Fail before Ray starts when the model configs cannot be found, or when the data has labels the
     model does not know; returns the image size."""
-    from pipeline.models.refs import prior_info  # noqa: PLC0415
-    from pipeline.models.loading import PriorLoadError  # noqa: PLC0415
-
     try:
         size, num_classes = prior_info(cfg.model)
     except PriorLoadError as exc:
@@ -126,10 +137,6 @@ def check_model(cfg: DistillConfig, listing) -> int:
 # ------------------------------------------------------------------------------------- stage 1
 def input_dataset(listing):
     """A Ray dataset of rows (id, class_name, label, bytes) with a real read stage."""
-    import numpy as np  # noqa: PLC0415
-    import pyarrow as pa  # noqa: PLC0415
-    import ray.data  # noqa: PLC0415
-
     if listing.kind == "imagefolder":
         base = Path(listing.root)
         paths = [str(base / rel) for rel, _ in listing.files]
@@ -140,8 +147,6 @@ def input_dataset(listing):
         ds = ray.data.read_parquet(listing.root, columns=["image", "label"])
         return ds.map_batches(functools.partial(_label_from_parquet, labels=listing.labels,
                                                 name=Path(listing.root).name), batch_format="numpy")
-    from pipeline.inputs import datasets  # noqa: PLC0415
-    from pipeline.common.images import png_bytes  # noqa: PLC0415
 
     images, labels, names = datasets.load_builtin(listing.root, split="train")
     table = pa.table({
@@ -154,8 +159,6 @@ def input_dataset(listing):
 
 
 def _label_from_path(batch, *, base: str, labels: dict):
-    import numpy as np  # noqa: PLC0415
-
     rel = [os.path.relpath("/" + p.lstrip("/") if not os.path.isabs(p) else p, base) for p in batch["path"]]
     classes = [r.split(os.sep, 1)[0] for r in rel]
     return {"id": np.asarray(rel, dtype=object), "class_name": np.asarray(classes, dtype=object),
@@ -163,10 +166,6 @@ def _label_from_path(batch, *, base: str, labels: dict):
 
 
 def _label_from_parquet(batch, *, labels: dict, name: str):
-    import hashlib  # noqa: PLC0415
-
-    import numpy as np  # noqa: PLC0415
-
     classes = [str(v) for v in batch["label"]]
     ids = [f"{name}#{hashlib.sha256(b).hexdigest()[:16]}" for b in batch["image"]]
     return {"id": np.asarray(ids, dtype=object), "class_name": np.asarray(classes, dtype=object),
@@ -174,11 +173,6 @@ def _label_from_parquet(batch, *, labels: dict, name: str):
 
 
 def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -> dict:
-    import ray  # noqa: PLC0415
-    import ray.data  # noqa: PLC0415
-
-    from pipeline.distill.encode import VAEEncoder, decode_batch, pool_size  # noqa: PLC0415
-
     if (out.latents / "_DONE").exists():
         log("encode: latents found, skipping")
         return {"skipped": True}
@@ -204,10 +198,6 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
 
 
 def decode_failures(out: OutputDir) -> list[tuple[str, str]]:
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.compute as pc  # noqa: PLC0415
-    import pyarrow.dataset as pds  # noqa: PLC0415
-
     part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
     ds = pds.dataset(str(out.latents), format="parquet", partitioning=part)
     t = ds.to_table(columns=["id", "error"], filter=pc.field("error") != "")
@@ -215,10 +205,6 @@ def decode_failures(out: OutputDir) -> list[tuple[str, str]]:
 
 
 def latent_counts(out: OutputDir) -> dict[str, int]:
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.compute as pc  # noqa: PLC0415
-    import pyarrow.dataset as pds  # noqa: PLC0415
-
     part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
     ds = pds.dataset(str(out.latents), format="parquet", partitioning=part)
     t = ds.to_table(columns=["class_name"], filter=pc.field("error") == "")
@@ -228,10 +214,6 @@ def latent_counts(out: OutputDir) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------- stage 2
 def plan_stage(cfg: DistillConfig, classes: list[str], out: OutputDir) -> list[dict]:
-    import ray  # noqa: PLC0415
-
-    from pipeline.distill.plan import run_class  # noqa: PLC0415
-
     task = ray.remote(num_cpus=1)(run_class)
     refs = [task.remote(str(out.latents), c, cfg, str(out.centroid_file(c))) for c in classes]
     results = ray.get(refs)
@@ -243,11 +225,6 @@ def plan_stage(cfg: DistillConfig, classes: list[str], out: OutputDir) -> list[d
 
 # ------------------------------------------------------------------------------------- stage 3
 def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: OutputDir) -> list[dict]:
-    import ray  # noqa: PLC0415
-    from ray.exceptions import RayActorError  # noqa: PLC0415
-
-    from pipeline.distill.sample import ClassSampler  # noqa: PLC0415
-
     todo = deque(c for c in classes if not out.is_class_done(c))
     log(f"sample: {len(classes) - len(todo)}/{len(classes)} classes already complete")
     if not todo:
@@ -302,16 +279,12 @@ def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: Outp
 
 
 def _fits(options: dict) -> bool:
-    import ray  # noqa: PLC0415
-
     free = ray.available_resources()
     return free.get("CPU", 0) >= options.get("num_cpus", 0) and free.get("GPU", 0) >= options.get("num_gpus", 0)
 
 
 # ------------------------------------------------------------------------------------ the run
 def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version  # noqa: PLC0415
-
     out = {"python": platform.python_version()}
     for pkg in ("manifoldgd", "torch", "ray", "diffusers", "numpy", "pyarrow", "scikit-learn", "pillow"):
         try:
@@ -322,9 +295,6 @@ def versions() -> dict:
 
 
 def hardware() -> dict:
-    import ray  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
     res = ray.cluster_resources()
     return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": res.get("CPU", 0),
             "gpus": res.get("GPU", 0), "driver_platform": platform.platform(),
@@ -332,8 +302,6 @@ def hardware() -> dict:
 
 
 def write_quarantine(out: OutputDir, listing, failures) -> int:
-    import pyarrow as pa  # noqa: PLC0415
-
     rows = sorted(listing.rejected) + list(failures)
     atomic_write_table(out.root / "quarantine.parquet",
                        pa.table({"path": [r[0] for r in rows], "reason": [r[1] for r in rows]},
@@ -342,9 +310,6 @@ def write_quarantine(out: OutputDir, listing, failures) -> int:
 
 
 def write_manifest(out: OutputDir, classes: list[str]) -> int:
-    import pyarrow as pa  # noqa: PLC0415
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     parts = [pq.read_table(out.manifest_part(c)) for c in classes if out.manifest_part(c).exists()]
     if not parts:
         return 0
@@ -422,8 +387,6 @@ def dry_run(cfg: DistillConfig, listing) -> None:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from pipeline.inputs.sources import list_source  # noqa: PLC0415
-
     try:
         cfg = validate(resolve_config(args))
         listing = list_source(cfg.data)

@@ -10,18 +10,22 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pyarrow as pa
+import ray
+import torch
 
-from pipeline.config import DistillConfig, build_config
 from pipeline.common.images import png_bytes
 from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atomic_write_table, sha256_bytes
+from pipeline.config import DistillConfig, build_config
+from pipeline.distill.plan import expand_bases
+from pipeline.distill.sampler import GuidedSampler, SamplerConfig
+from pipeline.models.refs import load_model
 
 MANIFEST_COLUMNS = ("class", "label", "k", "seed", "path", "centroid_node", "centroid_level",
                     "repeated_centroid", "guidance", "cluster", "model", "vae", "config_hash", "sha256")
 
 
 def sampler_config(cfg: DistillConfig):
-    from pipeline.distill.sampler import SamplerConfig  # noqa: PLC0415
-
     s = cfg.sampler
     return SamplerConfig(num_steps=s.num_steps, train_steps=s.train_steps, sampler=s.sampler,
                          cfg_scale=s.cfg_scale, cfg_channels=s.cfg_channels, guidance=s.guidance,
@@ -33,11 +37,6 @@ class ClassSampler:
     """Holds the prior; ``run_class`` writes one complete class. Used as a Ray actor and in-process."""
 
     def __init__(self, cfg_dict: dict, threads: int = 0, config_hash: str = ""):
-        import torch  # noqa: PLC0415
-
-        from pipeline.models.refs import load_model  # noqa: PLC0415
-        from pipeline.distill.sampler import GuidedSampler  # noqa: PLC0415
-
         if threads:
             torch.set_num_threads(threads)
         self.cfg = build_config(cfg_dict)
@@ -48,15 +47,9 @@ class ClassSampler:
         self.hash = config_hash or self.cfg.config_hash()
 
     def node_id(self) -> str:
-        import ray  # noqa: PLC0415
-
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
 
     def run_class(self, class_name: str, label: int) -> dict:
-        from pipeline.distill.plan import expand_bases  # noqa: PLC0415
-
-        import pyarrow as pa  # noqa: PLC0415
-
         start = time.perf_counter()
         cfg, out = self.cfg, OutputDir(self.cfg.out)
         with np.load(out.centroid_file(class_name)) as f:

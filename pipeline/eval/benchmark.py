@@ -29,6 +29,16 @@ from pathlib import Path
 import numpy as np
 
 from ops.metrics import GaussianReference
+from pipeline.cli import build_parser
+from pipeline.cli import main as cli_main
+from pipeline.common.images import crop_images, png_bytes
+from pipeline.common.log import get_logger
+from pipeline.common.outputs import atomic_write_bytes, atomic_write_json
+from pipeline.common.ray_start import init_ray
+from pipeline.config import DataConfig
+from pipeline.distill.plan import read_class_latents
+from pipeline.distill.run import resolve_config
+from pipeline.eval import report
 from pipeline.eval.evaluate import (
     StudentJob,
     add_student_arguments,
@@ -40,9 +50,12 @@ from pipeline.eval.evaluate import (
     set_metrics,
     summarise,
 )
-from pipeline.common.log import get_logger
-from pipeline.common.outputs import atomic_write_bytes, atomic_write_json
-
+from pipeline.eval.features import FeatureLoadError
+from pipeline.eval.students import recipe_for
+from pipeline.inputs.datasets import builtin_names, load_builtin
+from pipeline.inputs.preprocess import decode_image
+from pipeline.inputs.sources import list_source
+from pipeline.models.refs import prior_info
 
 log = get_logger("benchmark").info
 
@@ -112,14 +125,9 @@ def parse_methods(spec: str, table: dict[str, Method] | None = None) -> list[str
 # ------------------------------------------------------------------------------------ real baselines
 class RealPool:
     """The training images the distill runs saw, addressed by the ids the encode stage gave them."""
-
     def __init__(self, data: str, size: int):
-        from pipeline.inputs.datasets import builtin_names, load_builtin  # noqa: PLC0415
-
         self.size = size
         if data in builtin_names():
-            from pipeline.common.images import crop_images  # noqa: PLC0415
-
             images, labels, names = load_builtin(data, "train")
             self.classes = list(names)
             self.ids = {c: [] for c in names}
@@ -128,10 +136,6 @@ class RealPool:
             self._images = images
             self._pixels = lambda ids: crop_images(self._images[[int(i.split("/")[-1]) for i in ids]], size)
         else:
-            from pipeline.config import DataConfig  # noqa: PLC0415
-            from pipeline.inputs.preprocess import decode_image  # noqa: PLC0415
-            from pipeline.inputs.sources import list_source  # noqa: PLC0415
-
             listing = list_source(DataConfig(path=data))
             if listing.kind != "imagefolder":
                 raise ValueError("real baselines need a built-in dataset or an ImageFolder")
@@ -155,8 +159,6 @@ def random_ids(pool: RealPool, ipc: int, seed: int) -> dict[str, list[str]]:
 def kmeans_nearest_ids(distill_dir: Path, classes: list[str]) -> dict[str, list[str]]:
     """Per class, the real image whose latent is nearest each k-means centroid of the MGD3 run (k-means on
     the VAE latents, k = IPC, the same seed), each real image used at most once."""
-    from pipeline.distill.plan import read_class_latents  # noqa: PLC0415
-
     out = {}
     for c in classes:
         ids, X = read_class_latents(distill_dir / "_work" / "latents", c)
@@ -175,8 +177,6 @@ def kmeans_nearest_ids(distill_dir: Path, classes: list[str]) -> dict[str, list[
 
 def write_real_set(pool: RealPool, selection: dict[str, list[str]], out: Path) -> None:
     """An ImageFolder like distill's (train/<class>/<class>_<k>.png), plus the ids it holds."""
-    from pipeline.common.images import png_bytes  # noqa: PLC0415
-
     if (out / "_SUCCESS").exists():
         return
     for c, ids in selection.items():
@@ -229,9 +229,6 @@ def share_latents(out_root: Path, target: Path, key: str) -> None:
 
 
 def resolved_config(args, method: Method, ipc: int, seed: int, out: Path):
-    from pipeline.cli import build_parser  # noqa: PLC0415
-    from pipeline.distill.run import resolve_config  # noqa: PLC0415
-
     return resolve_config(build_parser().parse_args(distill_args(args, method, ipc, seed, out)))
 
 
@@ -246,8 +243,6 @@ def distill_finished(args, method: Method, ipc: int, seed: int, out: Path) -> bo
 
 
 def run_distill(args, method: Method, ipc: int, seed: int, out: Path) -> float:
-    from pipeline.cli import main as cli_main  # noqa: PLC0415
-
     cfg = resolved_config(args, method, ipc, seed, out)
     if args.share_latents and not cfg.data.hflip:  # flipped latents depend on the seed: never shared
         share_latents(Path(args.out), out, latent_key(cfg.hashed_dict()))
@@ -281,10 +276,6 @@ def load_cell(path: Path, key: str) -> dict | None:
 
 
 def run_benchmark(args) -> dict:
-    from pipeline.common.ray_start import init_ray  # noqa: PLC0415
-    from pipeline.eval.features import FeatureLoadError  # noqa: PLC0415
-    from pipeline.eval.students import recipe_for  # noqa: PLC0415
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     table = {**METHODS, **parse_variants(args.variant)}
@@ -378,9 +369,6 @@ def run_benchmark(args) -> dict:
 
 def write_report(args, out: Path, table, methods, ipcs, seeds, archs, overrides, extractor, timings) -> dict:
     """results.json, table.md, chart.png and the sample grids, from the cells that exist."""
-    from pipeline.eval import report  # noqa: PLC0415
-    from pipeline.eval.students import recipe_for  # noqa: PLC0415
-
     test_spec = args.test or args.data
     results = collect(out, methods, ipcs, seeds, archs, table)
     results.update({"data": args.data, "test": test_spec, "profile": args.profile, "archs": archs,
@@ -403,8 +391,6 @@ def _image_size(out: Path, methods: list[Method], ipcs, seeds, args) -> int:
         if m.kind == "distill":
             images, _, _ = load_distilled(set_dir(out, m, ipcs[0], seeds[0]))
             return int(images.shape[1])
-    from pipeline.distill.run import resolve_config  # noqa: PLC0415
-    from pipeline.models.refs import prior_info  # noqa: PLC0415
 
     ns = argparse.Namespace(data=args.data, out=None, ipc=None, seed=None, model=args.model, vae=args.vae,
                             guidance=None, cluster=None, config=None, set=args.set)
@@ -479,7 +465,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("manifoldgd: interrupted; finished cells are kept: rerun the same command to resume", file=sys.stderr)
         return 130
-    from pipeline.eval import report  # noqa: PLC0415
 
     print(report.markdown(results))
     print(f"benchmark finished in {time.perf_counter() - start:.0f}s; wrote {Path(args.out) / 'table.md'}, "

@@ -20,6 +20,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
+import torch
+
+from ops.metrics import distribution_metrics
+from pipeline.common.images import crop_images, load_png_folder
+from pipeline.common.ray_start import init_ray
+from pipeline.eval.features import FeatureLoadError, default_extractor, load_extractor
+from pipeline.eval.students import StudentRecipe, fit, recipe_for
+from pipeline.inputs.datasets import builtin_names, load_builtin
+from pipeline.inputs.preprocess import decode_image
+from pipeline.inputs.sources import list_imagefolder
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -40,8 +51,6 @@ def distilled_classes(distilled: Path) -> list[str]:
 
 def load_distilled(distilled: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(images uint8 (N, H, W, 3), labels, class names) of a distilled ImageFolder; labels = sorted order."""
-    from pipeline.common.images import load_png_folder  # noqa: PLC0415
-
     classes = distilled_classes(distilled)
     images, labels = load_png_folder(train_root(distilled), classes)
     return images, labels, classes
@@ -53,11 +62,7 @@ def load_test(spec: str, class_names: list[str], size: int) -> tuple[np.ndarray,
     ``spec``: a built-in dataset name (its test split), or an ImageFolder root holding test/, val/ or the
     class folders themselves. Every class of the distilled set must be present; extra classes are dropped.
     """
-    from pipeline.inputs.datasets import builtin_names, load_builtin  # noqa: PLC0415
-
     if spec in builtin_names():
-        from pipeline.common.images import crop_images  # noqa: PLC0415
-
         images, labels, names = load_builtin(spec, "test")
         index = _class_index(names, class_names, spec)
         keep = np.isin(labels, list(index))
@@ -73,9 +78,6 @@ def _class_index(names: list[str], wanted: list[str], where: str) -> dict[int, i
 
 
 def _load_test_folder(root: Path, class_names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.inputs.preprocess import decode_image  # noqa: PLC0415
-    from pipeline.inputs.sources import list_imagefolder  # noqa: PLC0415
-
     if not root.is_dir():
         raise FileNotFoundError(f"test data {root} is neither a built-in dataset nor a folder")
     split = next((s for s in ("test", "val") if (root / s).is_dir()), "")
@@ -107,9 +109,6 @@ class StudentJob:
 
 def _train_task(images, labels, num_classes: int, recipe: dict, seed: int, test_images, test_labels,
                 threads: int) -> dict:
-    import torch  # noqa: PLC0415
-
-    from pipeline.eval.students import StudentRecipe, fit  # noqa: PLC0415
 
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -123,9 +122,7 @@ def run_student_jobs(jobs: list[StudentJob], test: tuple[np.ndarray, np.ndarray]
     """Train every job as a Ray task, at most ``workers`` at once (0 = as many as the cluster's CPUs, or
     GPUs where it has them); ``on_done(job, result)`` is called in the driver as each one finishes, so a
     caller can write results as they come (what makes the benchmark resumable)."""
-    import ray  # noqa: PLC0415
 
-    from pipeline.common.ray_start import init_ray  # noqa: PLC0415
 
     if not jobs:
         return
@@ -173,8 +170,6 @@ def summarise(results: list[dict]) -> dict:
 def resolve_features(spec: str, test_spec: str):
     """``none`` -> None; ``auto`` -> the shipped net of a built-in test set, else Inception-v3 if staged,
     else None with a note; anything else -> that extractor (a missing one is an error)."""
-    from pipeline.eval.features import FeatureLoadError, default_extractor, load_extractor  # noqa: PLC0415
-
     if spec == "none":
         return None
     if spec == "auto":
@@ -189,8 +184,6 @@ def resolve_features(spec: str, test_spec: str):
 def set_metrics(extractor, real_features: np.ndarray, images: np.ndarray, reference=None) -> dict:
     """Metrics of one set vs the real features; ``reference`` = ``GaussianReference.of(real_features)``
     when many sets are compared with the same real set."""
-    from ops.metrics import distribution_metrics  # noqa: PLC0415
-
     values = distribution_metrics(real_features, extractor(images), reference)
     return {**{k: round(v, 6) for k, v in values.items()}, "features": extractor.name,
             "n_real": int(len(real_features)), "n_synthetic": int(len(images))}
@@ -199,8 +192,6 @@ def set_metrics(extractor, real_features: np.ndarray, images: np.ndarray, refere
 # -------------------------------------------------------------------------------------------- CLI
 def parse_student_settings(items: list[str]) -> dict:
     """``--student key=value`` -> typed StudentRecipe overrides."""
-    from pipeline.eval.students import StudentRecipe  # noqa: PLC0415
-
     fields = StudentRecipe.__dataclass_fields__
     out = {}
     for item in items:
@@ -230,8 +221,6 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pipeline.eval.students import recipe_for  # noqa: PLC0415
-
     start = time.perf_counter()
     try:
         images, labels, classes = load_distilled(Path(args.distilled))

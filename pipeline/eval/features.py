@@ -24,9 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
-from pipeline.common.images import to_model_range
-from pipeline.eval.students import ResNet, build_model
+from pipeline.common.images import crop_images, to_model_range
+from pipeline.eval.students import ResNet, StudentRecipe, build_model, fit
+from pipeline.inputs.datasets import load_builtin
 
 HUB_CHECKPOINTS = Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch")) / "hub" / "checkpoints"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -98,7 +101,7 @@ def load_inception(path: str = "", device: str = "cpu") -> FeatureExtractor:
         raise _missing("inception-v3", file, INCEPTION_FILE, INCEPTION_URL, "MANIFOLDGD_INCEPTION")
     try:
         module = torch.jit.load(str(file), map_location=device).eval()
-    except Exception as exc:  # noqa: BLE001 - one message for every way a file can be unreadable
+    except Exception as exc:
         raise FeatureLoadError(f"cannot load {file} as TorchScript Inception-v3: {type(exc).__name__}: {exc}") from None
     return FeatureExtractor(f"inception-v3 pool3 (2048-d, {file.name})", module, "inception", 299, device)
 
@@ -111,7 +114,7 @@ def load_resnet18(path: str = "", device: str = "cpu") -> FeatureExtractor:
     try:
         state = torch.load(str(file), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise FeatureLoadError(f"cannot load {file} as a torchvision ResNet-18 state dict: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     return FeatureExtractor(f"resnet18 ImageNet penultimate (512-d, {file.name})", model.to(device).eval(),
@@ -119,9 +122,6 @@ def load_resnet18(path: str = "", device: str = "cpu") -> FeatureExtractor:
 
 
 def load_featurenet(path: str | Path, device: str = "cpu") -> FeatureExtractor:
-    from safetensors import safe_open  # noqa: PLC0415
-    from safetensors.torch import load_file  # noqa: PLC0415
-
     path = Path(path)
     if not path.is_file():
         raise FeatureLoadError(f"feature net file not found: {path}")
@@ -131,7 +131,7 @@ def load_featurenet(path: str | Path, device: str = "cpu") -> FeatureExtractor:
         spec = json.loads(meta["spec"])
         model = build_model(spec["arch"], spec["num_classes"], 3, spec["size"], spec["width"])
         model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise FeatureLoadError(f"cannot load feature net {path}: {type(exc).__name__}: {exc}") from None
     name = (f"{spec['name']} ({spec['arch']} w{spec['width']} trained on the {spec['dataset']} train split, "
             f"real test top-1 {100 * spec['test_top1']:.1f}%)")
@@ -167,12 +167,6 @@ def train_feature_net(dataset: str, out: Path, *, epochs: int = 6, width: int = 
                       size: int = 32) -> dict:
     """Train a ConvNet classifier on the built-in dataset's train split (the test split only measures it)
     and save it with its spec as safetensors metadata. Returns the spec."""
-    from safetensors.torch import save_file  # noqa: PLC0415
-
-    from pipeline.inputs.datasets import load_builtin  # noqa: PLC0415
-    from pipeline.common.images import crop_images  # noqa: PLC0415
-    from pipeline.eval.students import StudentRecipe, fit  # noqa: PLC0415
-
     train_x, train_y, names = load_builtin(dataset, "train")
     test_x, test_y, _ = load_builtin(dataset, "test")
     train_x, test_x = crop_images(train_x, size), crop_images(test_x, size)

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.common.images import folder_contact_sheet
+
 PALETTE = [(90, 90, 90), (160, 160, 160), (76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82),
            (129, 114, 179), (147, 120, 96), (218, 139, 195), (140, 140, 60), (100, 181, 205), (255, 196, 0),
            (0, 128, 128), (178, 34, 34), (106, 90, 205), (46, 139, 87)]
@@ -100,8 +104,6 @@ def by_label(results: dict, method: str) -> str:
 
 
 def _font(size: int):
-    from PIL import ImageFont  # noqa: PLC0415
-
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # older Pillow: a fixed bitmap font
@@ -110,8 +112,6 @@ def _font(size: int):
 
 def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None:
     """Grouped bars: one group per IPC, one bar per method (final-epoch top-1), error bars = std."""
-    from PIL import Image, ImageDraw  # noqa: PLC0415
-
     arch = arch or (results.get("archs") or [None])[0]
     by = _rows(results, arch)
     if not by:
@@ -164,8 +164,6 @@ def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None
 
 def sample_grid(set_dir: Path, path: Path) -> Path | None:
     """One row per class, every image of the set (demo's contact sheet, 3x, pixel-exact)."""
-    from pipeline.common.images import folder_contact_sheet  # noqa: PLC0415
-
     root = set_dir / "train"
     if not root.is_dir():
         return None

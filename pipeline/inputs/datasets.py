@@ -13,6 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 SPLITS = ("train", "test")
 
@@ -64,8 +65,6 @@ def export_imagefolder(name: str, out_dir, splits=SPLITS) -> dict[str, int]:
     and traces back to one row of the .npz. Existing files of the same name are overwritten; nothing
     else in ``out_dir`` is touched.
     """
-    from PIL import Image  # noqa: PLC0415
-
     spec = _spec(name)
     with resources.files("pipeline").joinpath("data", spec.resource).open("rb") as fh:
         with np.load(fh, allow_pickle=False) as data:

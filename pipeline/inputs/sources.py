@@ -12,7 +12,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from pipeline.config import ConfigError, DataConfig
+from pipeline.inputs import datasets
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 WNID = re.compile(r"^n\d{8}$")
@@ -128,8 +131,6 @@ def list_imagefolder(root: Path, split: str, class_map: str = "", subset: str = 
 
 
 def list_parquet(path: Path) -> Listing:
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
     schema = pq.read_schema(path)
     if "image" not in schema.names or "label" not in schema.names:
         raise ConfigError("data.path", f"{path} needs columns 'image' (bytes) and 'label'; has {schema.names}")
@@ -143,18 +144,12 @@ def list_parquet(path: Path) -> Listing:
 
 
 def list_builtin(name: str) -> Listing:
-    from pipeline.inputs import datasets  # noqa: PLC0415
-
     _, labels, class_names = datasets.load_builtin(name, split="train")
     classes = list(class_names)
     return Listing("builtin", name, classes, {c: i for i, c in enumerate(classes)}, num_rows=len(labels))
 
 
 def builtin_names() -> tuple[str, ...]:
-    try:
-        from pipeline.inputs import datasets  # noqa: PLC0415
-    except ImportError:  # a build without the built-in datasets
-        return ()
     return tuple(datasets.builtin_names())
 
 

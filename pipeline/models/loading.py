@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 DEFAULT_MODEL = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
@@ -81,7 +82,7 @@ def load_part(cls, ref: str, subfolder: str | None, *, dtype, revision):
         return cls.from_pretrained(source, **kwargs), None
     # A loader boundary: whatever diffusers / huggingface_hub raise (OSError, HTTP, value errors),
     # the user needs one message about staging weights, with the original cause attached.
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return None, f"{cls.__name__}: {what}: {type(exc).__name__}: {cause}"
 
@@ -115,8 +116,6 @@ def load_prior(
     ``revision`` applies to hub ids only. Raises :class:`PriorLoadError` (one message for both
     parts) when anything is missing or the hub cannot be reached.
     """
-    from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415 - heavy import
-
     # The real DiT-XL-2-256 config says "Transformer2DModel" (its pre-DiT class name); its keys
     # are a superset of DiTTransformer2DModel's, which is what we load it as.
     transformer, t_err = load_part(DiTTransformer2DModel, model, subfolder_transformer, dtype=dtype, revision=revision)

@@ -11,7 +11,11 @@ import hashlib
 from importlib import resources
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+
 from pipeline.common.errors import ConfigError
+from pipeline.models.loading import PriorLoadError, load_part, load_prior, staging_help
 
 BUILTIN = "builtin:"
 
@@ -35,8 +39,6 @@ def vae_source(model) -> tuple[str, str | None]:
 
 
 def torch_dtype(name: str, device: str):
-    import torch  # noqa: PLC0415
-
     if name == "auto":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return getattr(torch, name)
@@ -44,10 +46,6 @@ def torch_dtype(name: str, device: str):
 
 def load_vae(model, device: str = "cpu"):
     """The VAE alone (the encode stage needs nothing else); returns (vae, dtype)."""
-    from diffusers import AutoencoderKL  # noqa: PLC0415
-
-    from pipeline.models.loading import PriorLoadError, load_part, staging_help  # noqa: PLC0415
-
     ref, sub = vae_source(model)
     dtype = torch_dtype(model.dtype, device)
     vae, err = load_part(AutoencoderKL, ref, sub, dtype=dtype, revision=model.revision or None)
@@ -58,8 +56,6 @@ def load_vae(model, device: str = "cpu"):
 
 def load_model(model, device: str = "cpu"):
     """Transformer + VAE through the same ``load_prior`` that loads DiT-XL/2."""
-    from pipeline.models.loading import load_prior  # noqa: PLC0415
-
     vae = resolve(model.vae) if model.vae else None
     return load_prior(resolve(model.model), vae, device=device, dtype=torch_dtype(model.dtype, device),
                       revision=model.revision or None)
@@ -67,17 +63,13 @@ def load_model(model, device: str = "cpu"):
 
 def prior_info(model) -> tuple[int, int]:
     """(image size in pixels, number of classes) of the prior, from its configs alone (no weights)."""
-    from diffusers import AutoencoderKL, DiTTransformer2DModel  # noqa: PLC0415
-
-    from pipeline.models.loading import PriorLoadError, staging_help  # noqa: PLC0415
-
     ref = resolve(model.model)
     vref, vsub = vae_source(model)
     try:
         tconf = DiTTransformer2DModel.load_config(ref, subfolder="transformer",
                                                   revision=model.revision or None)
         vconf = AutoencoderKL.load_config(vref, subfolder=vsub, revision=model.revision or None)
-    except Exception as exc:  # noqa: BLE001 - one message for every way a config can be missing
+    except Exception as exc:
         raise PriorLoadError(f"could not read the model configs of {ref} / {vref}: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
                              + staging_help(ref, model.vae or None)) from None

@@ -21,7 +21,10 @@ from torch import nn
 
 from pipeline.common.images import contact_sheet, crop_images, to_model_range
 from pipeline.common.log import get_logger
+from pipeline.distill.sampler import GuidedSampler, SamplerConfig
 from pipeline.inputs.datasets import load_builtin
+from pipeline.models.loading import load_prior
+from pipeline.models.refs import resolve
 
 log = get_logger("prior-quality").info
 
@@ -98,9 +101,6 @@ class QualityReport:
 def measure_prior_quality(prior_dir: str, dataset: str = "mnist10k", *, n_per_class: int = 50,
                           cfg_scale: float = 4.0, num_steps: int = 50, seed: int = 0,
                           classifier_epochs: int = 4, samples_out: str = "") -> QualityReport:
-    from pipeline.models.loading import load_prior  # noqa: PLC0415
-    from pipeline.distill.sampler import GuidedSampler, SamplerConfig  # noqa: PLC0415
-
     prior = load_prior(prior_dir, None)
     size = prior.image_size
     t0 = time.perf_counter()
@@ -133,8 +133,6 @@ def measure_prior_quality(prior_dir: str, dataset: str = "mnist10k", *, n_per_cl
 
 
 def _command(args) -> int:
-    from pipeline.models.refs import resolve  # noqa: PLC0415
-
     if args.threads:
         torch.set_num_threads(args.threads)
     report = measure_prior_quality(resolve(args.prior), args.data, n_per_class=args.n_per_class,

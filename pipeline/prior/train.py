@@ -20,20 +20,35 @@ resized to 32 px with BICUBIC, exactly as the encode stage of ``distill`` will s
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from torch import nn
 
+from ops.schedule import linear_betas, schedule_from_betas
 from pipeline.common.images import crop_images, to_model_range
 from pipeline.common.log import get_logger
 from pipeline.common.ray_start import init_ray
+from pipeline.inputs import datasets
+from pipeline.inputs.preprocess import decode_image
+from pipeline.inputs.sources import list_imagefolder
 
 log = get_logger("train-prior").info
 
@@ -92,11 +107,6 @@ def load_training_images(data: str, image_size: int) -> tuple[np.ndarray, np.nda
     Labels are the classes' sorted order, so they always index the prior's own label table (0..K-1),
     also when the folders are ImageNet wnids.
     """
-    from PIL import Image  # noqa: PLC0415
-
-    from pipeline.inputs import datasets  # noqa: PLC0415
-    from pipeline.inputs.preprocess import decode_image  # noqa: PLC0415
-
     if data in datasets.builtin_names():
         images, labels, class_names = datasets.load_builtin(data, split="train")
         pixels = crop_images(images, image_size)
@@ -105,7 +115,6 @@ def load_training_images(data: str, image_size: int) -> tuple[np.ndarray, np.nda
     if not root.is_dir():
         raise SystemExit(f"--data {data!r} is neither a built-in dataset ({', '.join(datasets.builtin_names())}) "
                          "nor a folder")
-    from pipeline.inputs.sources import list_imagefolder  # noqa: PLC0415
 
     listing = list_imagefolder(root, "train")
     pixels, labels, bad = [], [], 0
@@ -133,8 +142,6 @@ def subset_indices(n: int, subset: int, seed: int) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------- models
 def build_vae(cfg: PriorTrainConfig):
-    from diffusers import AutoencoderKL  # noqa: PLC0415
-
     n = len(cfg.vae_channels)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=cfg.latent_channels,
@@ -147,8 +154,6 @@ def build_vae(cfg: PriorTrainConfig):
 
 
 def build_transformer(cfg: PriorTrainConfig, num_classes: int, latent_size: int):
-    from diffusers import DiTTransformer2DModel  # noqa: PLC0415
-
     if cfg.hidden_size % cfg.num_heads:
         raise SystemExit(f"--hidden-size {cfg.hidden_size} must be a multiple of --num-heads {cfg.num_heads}")
     model = DiTTransformer2DModel(
@@ -164,9 +169,6 @@ def build_transformer(cfg: PriorTrainConfig, num_classes: int, latent_size: int)
 
 def dit_init_(model) -> None:
     """DiT's initialisation: xavier linears, N(0, 0.02) embeddings, adaLN-Zero, zero output layer."""
-    import torch  # noqa: PLC0415
-    from torch import nn  # noqa: PLC0415
-
     for m in model.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -196,8 +198,6 @@ def disable_builtin_label_dropout(model) -> None:
     loop drops labels itself (one draw per sample) and the built-in per-block dropout is switched off.
     The table keeps its extra null row: its size was fixed when the model was built.
     """
-    from diffusers.models.embeddings import LabelEmbedding  # noqa: PLC0415
-
     for m in model.modules():
         if isinstance(m, LabelEmbedding):
             m.dropout_prob = 0.0
@@ -218,8 +218,6 @@ def share_embedders_(model) -> None:
 
 def untied_copy(model):
     """A copy whose blocks own separate (identical) embedders, so ``save_pretrained`` sees no shared tensors."""
-    import copy  # noqa: PLC0415
-
     out = copy.deepcopy(model)
     for block in out.transformer_blocks[1:]:
         block.norm1.emb = copy.deepcopy(out.transformer_blocks[0].norm1.emb)
@@ -235,8 +233,6 @@ def standardize_latents_(vae, mean, std) -> None:
     The decoded image of every latent is unchanged; the diffusion model sees balanced channels instead
     of one scalar ``scaling_factor`` stretching channels whose spreads differ several-fold.
     """
-    import torch  # noqa: PLC0415
-
     c = vae.config.latent_channels
     mean = mean.to(vae.quant_conv.weight.device, torch.float32)
     std = std.to(vae.quant_conv.weight.device, torch.float32)
@@ -262,10 +258,6 @@ class DiffusionLoss:
     """
 
     def __init__(self, train_steps: int, learned_variance: bool, device, snr_gamma: float = 0.0):
-        import torch  # noqa: PLC0415
-
-        from ops.schedule import linear_betas, schedule_from_betas  # noqa: PLC0415
-
         s = schedule_from_betas(linear_betas(train_steps))
 
         def t32(a):
@@ -286,8 +278,6 @@ class DiffusionLoss:
 
     def __call__(self, model, x0, labels, generator=None):
         """Mean loss over the batch at random timesteps and noise: (loss, mse, vb) as 0-d tensors."""
-        import torch  # noqa: PLC0415
-
         t = torch.randint(0, self.train_steps, (x0.shape[0],), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, generator=generator)
         mse, vb = self.terms(model, x0, labels, t, noise)
@@ -296,8 +286,6 @@ class DiffusionLoss:
 
     def terms(self, model, x0, labels, t, noise):
         """Per-sample (weighted mse, vb) at the given timesteps and noise; vb is zero for a fixed-variance model."""
-        import torch  # noqa: PLC0415
-
         n, channels = x0.shape[0], x0.shape[1]
 
         def at(a):
@@ -366,11 +354,7 @@ class _Run:
     rank 0 writes the checkpoint. After a crash (a worker, or the whole Ray instance), running the same
     command again resumes from the last checkpoint: the run name is a hash of the config.
     """
-
     def __init__(self, rank: int, every: int):
-        import ray.train  # noqa: PLC0415
-        import torch  # noqa: PLC0415
-
         self.rank, self.every = rank, every
         self.history: list[dict] = []
         self.state: dict = {}  # what the last checkpoint held ({} on a fresh run)
@@ -388,9 +372,6 @@ class _Run:
         return (rows[-1] if rows else {}), sum(r.get("seconds", 0.0) for r in rows)
 
     def epoch_done(self, row: dict, state_fn=None, force: bool = False) -> None:
-        import ray.train  # noqa: PLC0415
-        import torch  # noqa: PLC0415
-
         self.history.append(row)
         metrics = {k: v for k, v in row.items() if isinstance(v, (int, float, str))}
         checkpoint = None
@@ -402,8 +383,6 @@ class _Run:
 
 
 def _train_vae(cfg, pixels, device, rank, world, run: _Run):
-    import torch  # noqa: PLC0415
-
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     # Training calls encode/decode, not forward, so DDP's wrapper would not sync anything: the
     # gradients are averaged by hand instead (same effect, one all-reduce per parameter).
@@ -456,8 +435,6 @@ def _train_vae(cfg, pixels, device, rank, world, run: _Run):
 
 
 def _allreduce_grads(model) -> None:
-    import torch.distributed as dist  # noqa: PLC0415
-
     world = dist.get_world_size()
     for p in model.parameters():
         if p.grad is not None:
@@ -467,8 +444,6 @@ def _allreduce_grads(model) -> None:
 
 def _encode_all(vae, pixels, device, batch: int = 256):
     """Posterior mean and std of every training image (unscaled latent space)."""
-    import torch  # noqa: PLC0415
-
     means, stds = [], []
     vae.eval()
     with torch.no_grad():
@@ -480,11 +455,6 @@ def _encode_all(vae, pixels, device, batch: int = 256):
 
 
 def _train_dit(cfg, latents, labels, num_classes, device, rank, world, run: _Run):
-    import copy  # noqa: PLC0415
-
-    import torch  # noqa: PLC0415
-    import ray.train.torch  # noqa: PLC0415
-
     mean, std, shift, scale = latents
     torch.manual_seed(cfg.seed + 1)
     dit = build_transformer(cfg, num_classes, mean.shape[-1]).to(device)
@@ -552,7 +522,6 @@ def _gather_generator_states(gen, world: int) -> list:
     """Every rank's noise-generator state (rank 0 writes them all into the checkpoint)."""
     if world == 1:
         return [gen.get_state()]
-    import torch.distributed as dist  # noqa: PLC0415
 
     states = [None] * world
     dist.all_gather_object(states, gen.get_state())
@@ -561,11 +530,6 @@ def _gather_generator_states(gen, world: int) -> list:
 
 def train_loop_per_worker(config: dict) -> None:
     """Both stages on one Ray Train worker; rank 0 saves the folder as the run's final checkpoint."""
-    import ray  # noqa: PLC0415
-    import ray.train  # noqa: PLC0415
-    import ray.train.torch  # noqa: PLC0415
-    import torch  # noqa: PLC0415
-
     cfg = PriorTrainConfig(**config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -580,8 +544,6 @@ def train_loop_per_worker(config: dict) -> None:
                f"{torch.get_num_threads()} threads each")
     summary: dict = dict(run.state.get("summary", {}))
     if cfg.vae:
-        from diffusers import AutoencoderKL  # noqa: PLC0415
-
         vae = AutoencoderKL.from_pretrained(cfg.vae).to(device)
         _say(rank, f"reusing the VAE in {cfg.vae}")
     elif run.state.get("stage") == "dit":
@@ -622,8 +584,6 @@ def train_loop_per_worker(config: dict) -> None:
 # ------------------------------------------------------------------------------------------- driver
 def run_name(cfg: PriorTrainConfig) -> str:
     """The same training settings give the same name, which is what lets a rerun resume."""
-    import hashlib  # noqa: PLC0415
-
     ignored = ("out", "storage_path", "address", "log_every", "torch_threads")
     settings = {k: v for k, v in asdict(cfg).items() if k not in ignored}
     return "train-prior-" + hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -631,10 +591,6 @@ def run_name(cfg: PriorTrainConfig) -> str:
 
 def train_prior(cfg: PriorTrainConfig) -> dict:
     """Run both stages through Ray Train and write ``cfg.out``/{vae, transformer, training.json, class_map.txt}."""
-    import ray  # noqa: PLC0415
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: PLC0415
-    from ray.train.torch import TorchTrainer  # noqa: PLC0415
-
     if not cfg.out:
         raise SystemExit("--out is required")
     t0 = time.perf_counter()
