@@ -70,7 +70,8 @@ def main() -> None:
 
     from pipeline.common.outputs import OutputDir
     from pipeline.config import build_config, validate
-    from pipeline.distill.run import encode_stage, run
+    from pipeline.distill.encode import encode_stage
+    from pipeline.distill.run import run
     from pipeline.inputs.sources import list_source
     from pipeline.models.refs import prior_info
 

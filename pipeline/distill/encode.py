@@ -6,15 +6,29 @@ parquet partitioned by class. Latent = posterior mean x scaling factor, flattene
 """
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
 import ray
+import ray.data
 import torch
 
-from pipeline.config import ModelConfig
+from pipeline.common.images import png_bytes
+from pipeline.common.log import get_logger
+from pipeline.common.outputs import OutputDir
+from pipeline.config import DistillConfig, ModelConfig
+from pipeline.inputs import datasets
 from pipeline.inputs.preprocess import decode_image
 from pipeline.models.refs import load_vae
+
+log = get_logger().info
 
 LATENT_COLUMNS = ("id", "class_name", "label", "latent", "error")
 
@@ -105,3 +119,81 @@ def pool_size(requested: int, use_gpu: bool) -> tuple[int, int]:
     if requested:
         n = requested
     return 1, max(1, n)
+
+
+# ---------------------------------------------------------------------------------- the stage driver
+def input_dataset(listing):
+    """A Ray dataset of rows (id, class_name, label, bytes) with a real read stage."""
+    if listing.kind == "imagefolder":
+        base = Path(listing.root)
+        paths = [str(base / rel) for rel, _ in listing.files]
+        ds = ray.data.read_binary_files(paths, include_paths=True)
+        return ds.map_batches(functools.partial(_label_from_path, base=str(base), labels=listing.labels),
+                              batch_format="numpy")
+    if listing.kind == "parquet":
+        ds = ray.data.read_parquet(listing.root, columns=["image", "label"])
+        return ds.map_batches(functools.partial(_label_from_parquet, labels=listing.labels,
+                                                name=Path(listing.root).name), batch_format="numpy")
+
+    images, labels, names = datasets.load_builtin(listing.root, split="train")
+    table = pa.table({
+        "id": [f"{names[y]}/{i:05d}" for i, y in enumerate(labels)],
+        "class_name": [names[y] for y in labels],
+        "label": np.asarray(labels, dtype=np.int64),
+        "bytes": [png_bytes(im) for im in images],
+    })
+    return ray.data.from_arrow(table)
+
+
+def _label_from_path(batch, *, base: str, labels: dict):
+    rel = [os.path.relpath("/" + p.lstrip("/") if not os.path.isabs(p) else p, base) for p in batch["path"]]
+    classes = [r.split(os.sep, 1)[0] for r in rel]
+    return {"id": np.asarray(rel, dtype=object), "class_name": np.asarray(classes, dtype=object),
+            "label": np.asarray([labels[c] for c in classes], dtype=np.int64), "bytes": batch["bytes"]}
+
+
+def _label_from_parquet(batch, *, labels: dict, name: str):
+    classes = [str(v) for v in batch["label"]]
+    ids = [f"{name}#{hashlib.sha256(b).hexdigest()[:16]}" for b in batch["image"]]
+    return {"id": np.asarray(ids, dtype=object), "class_name": np.asarray(classes, dtype=object),
+            "label": np.asarray([labels[c] for c in classes], dtype=np.int64), "bytes": batch["image"]}
+
+
+def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -> dict:
+    if (out.latents / "_DONE").exists():
+        log("encode: latents found, skipping")
+        return {"skipped": True}
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    lo, hi = pool_size(cfg.runtime.encode_actors, use_gpu)
+    log(f"encode: {listing.num_items} images at {image_size}px, {hi} VAE actor(s) on {'GPU' if use_gpu else 'CPU'}")
+    ds = input_dataset(listing)
+    ds = ds.map_batches(functools.partial(decode_batch, image_size=image_size, hflip=cfg.data.hflip,
+                                          seed=cfg.seed), batch_format="numpy", batch_size=64)
+    ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
+                                                            "threads": 0 if use_gpu else 1,
+                                                            "micro_batch": cfg.runtime.encode_batch_size},
+                        batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
+                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                        num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5)
+    tmp = out.work / "latents.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.write_parquet(str(tmp), partition_cols=["class_name"])
+    (tmp / "_DONE").write_text("ok\n")
+    shutil.rmtree(out.latents, ignore_errors=True)
+    os.replace(tmp, out.latents)
+    return {"skipped": False}
+
+
+def decode_failures(out: OutputDir) -> list[tuple[str, str]]:
+    part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
+    ds = pds.dataset(str(out.latents), format="parquet", partitioning=part)
+    t = ds.to_table(columns=["id", "error"], filter=pc.field("error") != "")
+    return sorted(zip(t.column("id").to_pylist(), t.column("error").to_pylist()))
+
+
+def latent_counts(out: OutputDir) -> dict[str, int]:
+    part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
+    ds = pds.dataset(str(out.latents), format="parquet", partitioning=part)
+    t = ds.to_table(columns=["class_name"], filter=pc.field("error") == "")
+    counts = pc.value_counts(t.column("class_name")).to_pylist()
+    return {d["values"]: d["counts"] for d in counts}

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
+import ray
 
 from ops.clustering import select_ipc_nodes
 from ops.tangent import (
@@ -23,9 +24,11 @@ from ops.tangent import (
     tangent_basis,
     tangent_basis_by_variance,
 )
-from pipeline.common.outputs import atomic_write_bytes
+from pipeline.common.log import get_logger
+from pipeline.common.outputs import OutputDir, atomic_write_bytes
 from pipeline.config import DistillConfig
 
+log = get_logger().info
 
 def guided_steps(num_steps: int, t_stop: int) -> int:
     """Guided steps are respaced indices t = num_steps-1 ... t_stop+1: the first num_steps-1-t_stop."""
@@ -136,3 +139,14 @@ def run_class(latents_dir: str, class_name: str, cfg: DistillConfig, out_path: s
                    "repeated": bool(plan["repeated"]), "warnings": [str(w) for w in plan["warnings"]]}
     summary["seconds"] = time.perf_counter() - start
     return summary
+
+
+# ---------------------------------------------------------------------------------- the stage driver
+def plan_stage(cfg: DistillConfig, classes: list[str], out: OutputDir) -> list[dict]:
+    task = ray.remote(num_cpus=1)(run_class)
+    refs = [task.remote(str(out.latents), c, cfg, str(out.centroid_file(c))) for c in classes]
+    results = ray.get(refs)
+    for r in results:
+        for w in r.get("warnings", []):
+            log(f"plan: class {r['class_name']}: {w}")
+    return results

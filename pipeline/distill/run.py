@@ -10,46 +10,33 @@ The same entrypoint runs locally (starts Ray), under `ray job submit`, or in a K
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
 import os
 import platform
-import shutil
 import signal
 import sys
 import threading
 import time
-from collections import deque
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
-from ray.exceptions import RayActorError
 
-from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_table
 from pipeline.common.ray_start import init_ray
 from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
-from pipeline.distill.encode import VAEEncoder, decode_batch, pool_size
-from pipeline.distill.plan import run_class
-from pipeline.distill.sample import ClassSampler
-from pipeline.inputs import datasets
+from pipeline.distill.encode import decode_failures, encode_stage, latent_counts
+from pipeline.distill.plan import plan_stage
+from pipeline.distill.sample import sample_stage
 from pipeline.inputs.sources import builtin_names, list_source
 from pipeline.models.loading import PriorLoadError
 from pipeline.models.refs import BUILTIN, prior_info, resolve
 
 log = get_logger().info
-
-MAX_CLASS_ATTEMPTS = 3
-
 
 # ---------------------------------------------------------------------------------------- config
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
@@ -132,155 +119,6 @@ def check_model(cfg: DistillConfig, listing) -> int:
         raise ConfigError("data.class_map", f"the data has label ids up to {top} but the model knows "
                           f"{num_classes} classes; map the folders to the model's ids with data.class_map")
     return size
-
-
-# ------------------------------------------------------------------------------------- stage 1
-def input_dataset(listing):
-    """A Ray dataset of rows (id, class_name, label, bytes) with a real read stage."""
-    if listing.kind == "imagefolder":
-        base = Path(listing.root)
-        paths = [str(base / rel) for rel, _ in listing.files]
-        ds = ray.data.read_binary_files(paths, include_paths=True)
-        return ds.map_batches(functools.partial(_label_from_path, base=str(base), labels=listing.labels),
-                              batch_format="numpy")
-    if listing.kind == "parquet":
-        ds = ray.data.read_parquet(listing.root, columns=["image", "label"])
-        return ds.map_batches(functools.partial(_label_from_parquet, labels=listing.labels,
-                                                name=Path(listing.root).name), batch_format="numpy")
-
-    images, labels, names = datasets.load_builtin(listing.root, split="train")
-    table = pa.table({
-        "id": [f"{names[y]}/{i:05d}" for i, y in enumerate(labels)],
-        "class_name": [names[y] for y in labels],
-        "label": np.asarray(labels, dtype=np.int64),
-        "bytes": [png_bytes(im) for im in images],
-    })
-    return ray.data.from_arrow(table)
-
-
-def _label_from_path(batch, *, base: str, labels: dict):
-    rel = [os.path.relpath("/" + p.lstrip("/") if not os.path.isabs(p) else p, base) for p in batch["path"]]
-    classes = [r.split(os.sep, 1)[0] for r in rel]
-    return {"id": np.asarray(rel, dtype=object), "class_name": np.asarray(classes, dtype=object),
-            "label": np.asarray([labels[c] for c in classes], dtype=np.int64), "bytes": batch["bytes"]}
-
-
-def _label_from_parquet(batch, *, labels: dict, name: str):
-    classes = [str(v) for v in batch["label"]]
-    ids = [f"{name}#{hashlib.sha256(b).hexdigest()[:16]}" for b in batch["image"]]
-    return {"id": np.asarray(ids, dtype=object), "class_name": np.asarray(classes, dtype=object),
-            "label": np.asarray([labels[c] for c in classes], dtype=np.int64), "bytes": batch["image"]}
-
-
-def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -> dict:
-    if (out.latents / "_DONE").exists():
-        log("encode: latents found, skipping")
-        return {"skipped": True}
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
-    lo, hi = pool_size(cfg.runtime.encode_actors, use_gpu)
-    log(f"encode: {listing.num_items} images at {image_size}px, {hi} VAE actor(s) on {'GPU' if use_gpu else 'CPU'}")
-    ds = input_dataset(listing)
-    ds = ds.map_batches(functools.partial(decode_batch, image_size=image_size, hflip=cfg.data.hflip,
-                                          seed=cfg.seed), batch_format="numpy", batch_size=64)
-    ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
-                                                            "threads": 0 if use_gpu else 1,
-                                                            "micro_batch": cfg.runtime.encode_batch_size},
-                        batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                        num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5)
-    tmp = out.work / "latents.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.write_parquet(str(tmp), partition_cols=["class_name"])
-    (tmp / "_DONE").write_text("ok\n")
-    shutil.rmtree(out.latents, ignore_errors=True)
-    os.replace(tmp, out.latents)
-    return {"skipped": False}
-
-
-def decode_failures(out: OutputDir) -> list[tuple[str, str]]:
-    part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
-    ds = pds.dataset(str(out.latents), format="parquet", partitioning=part)
-    t = ds.to_table(columns=["id", "error"], filter=pc.field("error") != "")
-    return sorted(zip(t.column("id").to_pylist(), t.column("error").to_pylist()))
-
-
-def latent_counts(out: OutputDir) -> dict[str, int]:
-    part = pds.partitioning(pa.schema([("class_name", pa.string())]), flavor="hive")
-    ds = pds.dataset(str(out.latents), format="parquet", partitioning=part)
-    t = ds.to_table(columns=["class_name"], filter=pc.field("error") == "")
-    counts = pc.value_counts(t.column("class_name")).to_pylist()
-    return {d["values"]: d["counts"] for d in counts}
-
-
-# ------------------------------------------------------------------------------------- stage 2
-def plan_stage(cfg: DistillConfig, classes: list[str], out: OutputDir) -> list[dict]:
-    task = ray.remote(num_cpus=1)(run_class)
-    refs = [task.remote(str(out.latents), c, cfg, str(out.centroid_file(c))) for c in classes]
-    results = ray.get(refs)
-    for r in results:
-        for w in r.get("warnings", []):
-            log(f"plan: class {r['class_name']}: {w}")
-    return results
-
-
-# ------------------------------------------------------------------------------------- stage 3
-def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: OutputDir) -> list[dict]:
-    todo = deque(c for c in classes if not out.is_class_done(c))
-    log(f"sample: {len(classes) - len(todo)}/{len(classes)} classes already complete")
-    if not todo:
-        return []
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    if gpus:
-        n_actors, options, threads = gpus, {"num_gpus": 1, "num_cpus": 1}, 0
-    else:
-        n_actors, options, threads = max(1, int(ray.cluster_resources().get("CPU", 1))), {"num_cpus": 1}, 1
-    n_actors = min(cfg.runtime.sample_actors or n_actors, len(todo))
-    actor_cls = ray.remote(ClassSampler).options(**options)
-    cfg_dict, digest = cfg.to_dict(), cfg.config_hash()
-    idle = [actor_cls.remote(cfg_dict, threads, digest) for _ in range(n_actors)]
-    in_flight: dict = {}
-    attempts: dict[str, int] = {}
-    results, total, start = [], len(todo), time.perf_counter()
-    while todo or in_flight:
-        while todo and idle:
-            cls = todo.popleft()
-            actor = idle.pop()
-            in_flight[actor.run_class.remote(cls, labels[cls])] = (actor, cls)
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        actor, cls = in_flight.pop(ready[0])
-        try:
-            res = ray.get(ready[0])
-        except RayActorError as exc:
-            # the actor (or its node) died mid-class: the class has no _SUCCESS, so redo it elsewhere
-            attempts[cls] = attempts.get(cls, 0) + 1
-            if attempts[cls] >= MAX_CLASS_ATTEMPTS:
-                raise RuntimeError(f"class {cls} failed {attempts[cls]} times; last error: {exc}") from exc
-            log(f"sample: worker lost on class {cls} ({type(exc).__name__}); retrying the class")
-            todo.appendleft(cls)
-            live = len(idle) + len(in_flight)
-            # Replace the actor only where it can be placed now (or when none is left): a replacement
-            # that waits for resources held by idle actors would be handed work and never run it.
-            if live == 0 or _fits(options):
-                idle.insert(0, actor_cls.remote(cfg_dict, threads, digest))
-            continue
-        idle.append(actor)
-        if not todo:  # nothing left to hand out: free the resources for any actor still waiting for them
-            for spare in idle:
-                ray.kill(spare)
-            idle.clear()
-        results.append(res)
-        done = len(results)
-        elapsed = time.perf_counter() - start
-        rate = sum(r["images"] for r in results) / elapsed
-        eta = elapsed / done * (total - done)
-        if cfg.runtime.progress:
-            log(f"sample: {done}/{total} classes, {rate:.2f} images/s, ETA {eta:.0f}s")
-    return results
-
-
-def _fits(options: dict) -> bool:
-    free = ray.available_resources()
-    return free.get("CPU", 0) >= options.get("num_cpus", 0) and free.get("GPU", 0) >= options.get("num_gpus", 0)
 
 
 # ------------------------------------------------------------------------------------ the run

@@ -8,18 +8,24 @@ byte (noise depends only on (seed, label, k)).
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import numpy as np
 import pyarrow as pa
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from pipeline.common.images import png_bytes
+from pipeline.common.log import get_logger
 from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atomic_write_table, sha256_bytes
 from pipeline.config import DistillConfig, build_config
 from pipeline.distill.plan import expand_bases
 from pipeline.distill.sampler import GuidedSampler, SamplerConfig
 from pipeline.models.refs import load_model
+
+log = get_logger().info
+MAX_CLASS_ATTEMPTS = 3
 
 MANIFEST_COLUMNS = ("class", "label", "k", "seed", "path", "centroid_node", "centroid_level",
                     "repeated_centroid", "guidance", "cluster", "model", "vae", "config_hash", "sha256")
@@ -74,3 +80,63 @@ class ClassSampler:
         atomic_write_bytes(out.class_dir(class_name) / SUCCESS, b"")
         return {"class_name": class_name, "images": len(images), "seconds": time.perf_counter() - start,
                 "node_id": self.node_id()}
+
+
+# ---------------------------------------------------------------------------------- the stage driver
+def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: OutputDir) -> list[dict]:
+    todo = deque(c for c in classes if not out.is_class_done(c))
+    log(f"sample: {len(classes) - len(todo)}/{len(classes)} classes already complete")
+    if not todo:
+        return []
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        n_actors, options, threads = gpus, {"num_gpus": 1, "num_cpus": 1}, 0
+    else:
+        n_actors, options, threads = max(1, int(ray.cluster_resources().get("CPU", 1))), {"num_cpus": 1}, 1
+    n_actors = min(cfg.runtime.sample_actors or n_actors, len(todo))
+    actor_cls = ray.remote(ClassSampler).options(**options)
+    cfg_dict, digest = cfg.to_dict(), cfg.config_hash()
+    idle = [actor_cls.remote(cfg_dict, threads, digest) for _ in range(n_actors)]
+    in_flight: dict = {}
+    attempts: dict[str, int] = {}
+    results, total, start = [], len(todo), time.perf_counter()
+    while todo or in_flight:
+        while todo and idle:
+            cls = todo.popleft()
+            actor = idle.pop()
+            in_flight[actor.run_class.remote(cls, labels[cls])] = (actor, cls)
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        actor, cls = in_flight.pop(ready[0])
+        try:
+            res = ray.get(ready[0])
+        except RayActorError as exc:
+            # the actor (or its node) died mid-class: the class has no _SUCCESS, so redo it elsewhere
+            attempts[cls] = attempts.get(cls, 0) + 1
+            if attempts[cls] >= MAX_CLASS_ATTEMPTS:
+                raise RuntimeError(f"class {cls} failed {attempts[cls]} times; last error: {exc}") from exc
+            log(f"sample: worker lost on class {cls} ({type(exc).__name__}); retrying the class")
+            todo.appendleft(cls)
+            live = len(idle) + len(in_flight)
+            # Replace the actor only where it can be placed now (or when none is left): a replacement
+            # that waits for resources held by idle actors would be handed work and never run it.
+            if live == 0 or _fits(options):
+                idle.insert(0, actor_cls.remote(cfg_dict, threads, digest))
+            continue
+        idle.append(actor)
+        if not todo:  # nothing left to hand out: free the resources for any actor still waiting for them
+            for spare in idle:
+                ray.kill(spare)
+            idle.clear()
+        results.append(res)
+        done = len(results)
+        elapsed = time.perf_counter() - start
+        rate = sum(r["images"] for r in results) / elapsed
+        eta = elapsed / done * (total - done)
+        if cfg.runtime.progress:
+            log(f"sample: {done}/{total} classes, {rate:.2f} images/s, ETA {eta:.0f}s")
+    return results
+
+
+def _fits(options: dict) -> bool:
+    free = ray.available_resources()
+    return free.get("CPU", 0) >= options.get("num_cpus", 0) and free.get("GPU", 0) >= options.get("num_gpus", 0)
