@@ -4,9 +4,9 @@ Sources, later ones winning: dataclass defaults (METHOD.md's published setting) 
 < command-line flags < ``--set section.key=value``. ``validate`` raises ``ConfigError`` naming the field;
 the CLI turns that into exit code 2 before Ray starts.
 
-The ``runtime`` section (actor counts, encode batch size, progress) cannot change a single output byte, so
-it is left out of the hash: a rerun on a bigger cluster resumes the same output folder. (Encoded latents are
-kept in the output folder, so the encode batch size does not reach a rerun either.)
+The ``runtime`` section (actor counts, Ray Data batch sizes, progress) cannot change a single output byte, so
+it is left out of the hash: a rerun on a bigger cluster resumes the same output folder. What does change
+bytes is hashed, batch shapes included (``model.encode_batch``, ``sampler.max_batch``).
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ class ModelConfig:
     vae: str = DEFAULT_VAE      # hub id or local folder; "" = the model folder's own vae/
     revision: str = ""
     dtype: str = "auto"         # auto: bf16 on GPU, fp32 on CPU
+    # Images per VAE call. Hashed: kernels are chosen by batch shape, so it decides the latent bytes;
+    # runtime.encode_batch_size (rows per Ray Data batch) does not, since each batch is cut into these.
+    encode_batch: int = 64
 
 
 @dataclass
@@ -248,6 +251,8 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
     r = cfg.runtime
     if s.max_batch <= 0:
         raise ConfigError("sampler.max_batch", f"must be positive, got {s.max_batch}")
+    if cfg.model.encode_batch <= 0:
+        raise ConfigError("model.encode_batch", f"must be positive, got {cfg.model.encode_batch}")
     if r.encode_batch_size <= 0:
         raise ConfigError("runtime.encode_batch_size", f"must be positive, got {r.encode_batch_size}")
     for name in ("encode_actors", "sample_actors"):

@@ -122,3 +122,26 @@ def test_distill_survives_and_accounts_for_everything(tmp_path, tiny_prior, ray_
     assert all(r["repeated_centroid"] for r in per_class["few"])
     few_hashes = {r["sha256"] for r in per_class["few"]}
     assert len(few_hashes) == 3  # repeated centroids still get distinct noise: distinct images
+
+
+def test_corrupt_leading_batches_and_an_all_corrupt_class_never_crash(tmp_path, tiny_prior, ray_session):
+    """Class `a`: its first files (more than one encode batch, sorting first) are corrupt; class `dead`: every
+    file is. The run completes, `a` is planned from its good files, `dead` gets no output and a reason."""
+    train = tmp_path / "data" / "train"
+    for cls in ("a", "dead"):
+        (train / cls).mkdir(parents=True)
+    for i in range(5):  # > 2 Ray Data batches of encode_batch_size 2
+        (train / "a" / f"0{i}_bad.png").write_bytes(b"not a png " + bytes([i]))
+        (train / "dead" / f"{i}.png").write_bytes(b"")
+    for i in range(4):
+        (train / "a" / f"1{i}_ok.png").write_bytes(_save(_rgb(50 + i), "PNG"))
+    out = tmp_path / "out"
+    args = ["distill", "--data", str(tmp_path / "data"), "--out", str(out), "--ipc", "2", "--model", str(tiny_prior),
+            "--vae", "", "--set", "sampler.num_steps=3", "--set", "sampler.t_stop=1",
+            "--set", "tangent.neighbours=3", "--set", "tangent.dim=1", "--set", "runtime.encode_batch_size=2",
+            "--set", "model.encode_batch=2"]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["classes_without_images"] == ["dead"]
+    assert run["counts"]["encoded"] == 4 and run["counts"]["quarantined"] == 10
+    assert sorted(p.name for p in (out / "train" / "a").glob("*.png")) and not (out / "train" / "dead").exists()

@@ -80,15 +80,20 @@ class VAEEncoder:
     def __call__(self, batch: dict) -> dict:
         ok = np.asarray([e == "" for e in batch["error"]], dtype=bool)
         n = len(ok)
-        latents = None
+        # Failed rows keep zeros of the full width, also when the whole batch failed: every file of a
+        # class then has one tensor shape, whichever of them a reader opens first.
+        latents = np.zeros((n, self.latent_dim(batch["pixels"].shape[1])), dtype=np.float32)
         if ok.any():
-            enc = self._encode_padded(batch["pixels"][ok])
-            latents = np.zeros((n, enc.shape[1]), dtype=np.float32)
-            latents[ok] = enc
-        else:  # every row failed: keep the width so the parquet schema stays one tensor shape
-            latents = np.zeros((n, 1), dtype=np.float32)
+            latents[ok] = self._encode_padded(batch["pixels"][ok])
         return {"id": batch["id"], "class_name": batch["class_name"], "label": batch["label"],
                 "latent": list(latents), "error": batch["error"]}
+
+    def latent_dim(self, image_size: int) -> int:
+        """Flattened latent size for ``image_size`` px inputs, from the VAE config (each block after the
+        first halves the resolution)."""
+        conf = self.vae.config
+        side = image_size // 2 ** (len(conf.block_out_channels) - 1)
+        return int(conf.latent_channels * side * side)
 
     def _encode_padded(self, pixels: np.ndarray) -> np.ndarray:
         """Encode in model calls of exactly ``micro_batch`` rows, zero-padding the last one.
@@ -171,7 +176,7 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
                                           seed=cfg.seed), batch_format="numpy", batch_size=64)
     ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
                                                             "threads": 0 if use_gpu else 1,
-                                                            "micro_batch": cfg.runtime.encode_batch_size},
+                                                            "micro_batch": cfg.model.encode_batch},
                         batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5)

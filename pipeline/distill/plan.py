@@ -48,9 +48,24 @@ def read_class_latents(latents_dir: Path, class_name: str) -> tuple[np.ndarray, 
     ids = np.asarray(table.column("id").to_pylist(), dtype=object)
     if len(ids) == 0:
         return ids, np.zeros((0, 0), dtype=np.float32)
-    latents = np.stack([np.asarray(v, dtype=np.float32) for v in table.column("latent").to_pylist()])
+    latents = latent_matrix(table.column("latent"))
     order = np.argsort(ids, kind="stable")  # Ray's block order must not change a result
     return ids[order], latents[order]
+
+
+def latent_matrix(column) -> np.ndarray:
+    """A parquet column of equal-length float lists (or Ray's tensor extension over one) as (N, D) float32.
+
+    Reads the flat value buffer in one go: converting row by row through Python lists took 1.3-1.7 s
+    for a 1,300 x 4,096 class (bench/latent_read.py)."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if isinstance(arr, pa.ExtensionArray):
+        arr = arr.storage
+    n = len(arr)
+    values = arr.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    if n == 0 or values.size % n:
+        raise ValueError(f"latent rows of unequal length: {values.size} values in {n} rows")
+    return values.reshape(n, -1)
 
 
 def _basis(points, dim: int, variance_fraction: float):
