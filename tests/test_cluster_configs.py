@@ -1,5 +1,5 @@
-"""Every YAML under cluster_configs/ parses; every preset (and the local config) loads and validates
-through the project's own config loader."""
+"""Every YAML under cluster_configs/ parses; every packaged preset (and the local config) loads and validates
+through the project's own config loader, by path and by bare name."""
 from pathlib import Path
 
 import pytest
@@ -7,9 +7,10 @@ import yaml
 
 from pipeline.config import build_config, load_yaml, validate
 
-ROOT = Path(__file__).resolve().parents[1] / "cluster_configs"
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "cluster_configs"
 ALL = sorted(ROOT.rglob("*.yaml"))
-PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+PRESETS = sorted((REPO / "pipeline" / "presets").glob("*.yaml"))
 
 
 def test_the_expected_files_exist():
@@ -21,7 +22,7 @@ def test_the_expected_files_exist():
             assert f"{ds}_ipc{ipc}.yaml" in {p.name for p in PRESETS}
 
 
-@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", ALL + PRESETS, ids=lambda p: p.name)
 def test_yaml_parses(path):
     docs = list(yaml.safe_load_all(path.read_text()))
     assert docs and all(isinstance(d, dict) for d in docs)
@@ -33,6 +34,21 @@ def test_preset_loads_through_config_loader(path):
     if path.parent.name == "presets":
         assert cfg.ipc == int(path.stem.rsplit("ipc", 1)[1])
         assert cfg.sampler.guidance == "manifold" and cfg.model.model == "facebook/DiT-XL-2-256"
+
+
+def test_a_bare_preset_name_loads_the_packaged_preset(tmp_path, monkeypatch):
+    from pipeline.config import ConfigError, preset_names
+
+    assert preset_names() == sorted(p.stem for p in PRESETS)
+    monkeypatch.chdir(tmp_path)  # not the repo: the name must resolve through the package
+    assert load_yaml("imagenet1k_ipc50") == load_yaml(PRESETS[[p.stem for p in PRESETS].index("imagenet1k_ipc50")])
+    assert load_yaml("imagenette_ipc10.yaml")["ipc"] == 10
+    (tmp_path / "imagenette_ipc10").write_text("ipc: 7\n")  # a file of that name in the working directory wins
+    assert load_yaml("imagenette_ipc10")["ipc"] == 7
+    with pytest.raises(ConfigError, match="nor a packaged preset: .*imagenet1k_ipc50"):
+        load_yaml("imagenet1k_ipc5")
+    with pytest.raises(ConfigError, match="cannot read sub/imagenet1k_ipc50.yaml: No such file"):
+        load_yaml("sub/imagenet1k_ipc50.yaml")
 
 
 def test_rayjob_retries_resume_on_shared_volume():
