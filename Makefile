@@ -3,20 +3,22 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements/lock-cpu.txt
 
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install lint test demo bench clean
+.PHONY: install lint test demo bench lock clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Reinstall only when the project's metadata changes.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+# Reinstall only when the project's metadata or the lock changes: the locked dependency set
+# (requirements/lock-cpu.txt, every transitive pin), then the project itself (editable, --no-deps).
+# scripts/install.sh is the same script the Dockerfile and CI's wheel test run.
+$(STAMP): pyproject.toml $(LOCK) scripts/install.sh | $(BIN)/python
+	bash scripts/install.sh --editable --check --python $(BIN)/python
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +34,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ops.py
+
+# After changing a pin in pyproject.toml: install the new pin into .venv, then rewrite the lock from it
+# (`make lock`) and commit requirements/lock-cpu.txt. CI checks that the lock and the environment agree.
+lock: | $(BIN)/python
+	$(BIN)/python scripts/lock.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -15,6 +15,7 @@ import hashlib
 import json
 import typing
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import yaml
@@ -179,11 +180,26 @@ def parse_set(assignments: list[str]) -> dict:
     return tree
 
 
+def preset_names() -> list[str]:
+    """The distill presets shipped in the package (``pipeline/presets/<name>.yaml``)."""
+    return sorted(p.name[:-5] for p in files("pipeline.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def config_path(path: str | Path) -> Path:
+    """A config file's path, or a bare preset name (``imagenet1k_ipc50``) resolved to the packaged preset.
+    A file of that name in the working directory wins over the preset."""
+    p = Path(path)
+    if not p.exists() and p.parent == Path(".") and p.name.removesuffix(".yaml") in preset_names():
+        return Path(str(files("pipeline.presets") / f"{p.name.removesuffix('.yaml')}.yaml"))
+    return p
+
+
 def load_yaml(path: str | Path) -> dict:
     try:
-        text = Path(path).read_text()
+        text = config_path(path).read_text()
     except OSError as exc:
-        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from None
+        hint = "" if Path(path).parent != Path(".") else f" (nor a packaged preset: {', '.join(preset_names())})"
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}{hint}") from None
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping")

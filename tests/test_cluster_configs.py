@@ -1,27 +1,75 @@
-"""Every YAML under cluster_configs/ parses; every preset (and the local config) loads and validates
-through the project's own config loader."""
+"""The deployment, checked offline as the cluster would check it.
+
+- Every YAML under cluster_configs/ parses; every packaged preset (and the local config) loads through the
+  project's config loader, by path and by bare name.
+- RayCluster / RayJob manifests validate against the vendored KubeRay v1 CRDs (strictly), the launcher config
+  against Ray's own ray-schema.json; the validator rejects broken manifests (so these checks can fail).
+- Image, Ray version, install script and volumes agree across Dockerfile, manifests and pyproject.toml.
+- The lock holds exactly the project's dependency closure; `.rayignore` keeps the working_dir upload small.
+- slow: the RayJob's entrypoint runs (--dry-run) from a venv where the project comes from a built wheel,
+  outside the repo, installed by the same script as the Dockerfile's.
+- cluster + slow: `ray job submit --working-dir` against a local head whose Python lacks the project.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
+from conftest import write_image_folder
 
 from pipeline.config import build_config, load_yaml, validate
 
-ROOT = Path(__file__).resolve().parents[1] / "cluster_configs"
-ALL = sorted(ROOT.rglob("*.yaml"))
-PRESETS = sorted((ROOT / "presets").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+ROOT = REPO / "cluster_configs"
+CONFIGS = sorted(ROOT.glob("*.yaml"))  # the deployable files (schemas/ holds the vendored CRDs, read by validate.py)
+PRESETS = sorted((REPO / "pipeline" / "presets").glob("*.yaml"))
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+RAY_VERSION = next(re.search(r"==([\w.]+)", d).group(1) for d in PYPROJECT["project"]["dependencies"]
+                   if d.startswith("ray["))
+IMAGE = re.compile(r"^[\w.\-/:]+/manifoldgd:" + re.escape(PYPROJECT["project"]["version"]) + "$")
+
+sys.path.insert(0, str(ROOT))
+import validate as cfgcheck  # noqa: E402  (cluster_configs/validate.py)
 
 
+def _load(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((ROOT / name).read_text()) if d]
+
+
+def _job() -> dict:
+    return _load("kuberay-rayjob.yaml")[0]
+
+
+# ------------------------------------------------------------------------------------------ files, presets
 def test_the_expected_files_exist():
-    names = {p.name for p in ALL}
-    for required in ("local.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "aws-cluster.yaml"):
+    names = {p.name for p in CONFIGS}
+    for required in ("local.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-volumes.yaml",
+                     "aws-cluster.yaml"):
         assert required in names
     for ds in ("imagenette", "imagewoof", "imagenet100", "imagenet1k"):
         for ipc in (10, 50):
             assert f"{ds}_ipc{ipc}.yaml" in {p.name for p in PRESETS}
+    for f in ("Dockerfile", ".dockerignore", ".rayignore", "scripts/install.sh", "requirements/lock-cpu.txt",
+              "requirements/lock-gpu.txt", "cluster_configs/schemas/LICENSE", "cluster_configs/schemas/README.md"):
+        assert (REPO / f).is_file(), f
 
 
-@pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS + PRESETS, ids=lambda p: p.name)
 def test_yaml_parses(path):
     docs = list(yaml.safe_load_all(path.read_text()))
     assert docs and all(isinstance(d, dict) for d in docs)
@@ -35,11 +83,312 @@ def test_preset_loads_through_config_loader(path):
         assert cfg.sampler.guidance == "manifold" and cfg.model.model == "facebook/DiT-XL-2-256"
 
 
-def test_rayjob_retries_resume_on_shared_volume():
-    job = yaml.safe_load((ROOT / "kuberay-rayjob.yaml").read_text())
+def test_a_bare_preset_name_loads_the_packaged_preset(tmp_path, monkeypatch):
+    from pipeline.config import ConfigError, preset_names
+
+    assert preset_names() == sorted(p.stem for p in PRESETS)
+    monkeypatch.chdir(tmp_path)  # not the repo: the name must resolve through the package
+    assert load_yaml("imagenet1k_ipc50") == load_yaml(PRESETS[[p.stem for p in PRESETS].index("imagenet1k_ipc50")])
+    assert load_yaml("imagenette_ipc10.yaml")["ipc"] == 10
+    (tmp_path / "imagenette_ipc10").write_text("ipc: 7\n")  # a file of that name in the working directory wins
+    assert load_yaml("imagenette_ipc10")["ipc"] == 7
+    with pytest.raises(ConfigError, match="nor a packaged preset: .*imagenet1k_ipc50"):
+        load_yaml("imagenet1k_ipc5")
+    with pytest.raises(ConfigError, match="cannot read sub/imagenet1k_ipc50.yaml: No such file"):
+        load_yaml("sub/imagenet1k_ipc50.yaml")
+
+
+# ------------------------------------------------------------------------------- schemas: CRDs, ray-schema
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_validates_against_crds_and_ray_schema(path):
+    assert cfgcheck.validate_file(path) == []
+
+
+def test_every_manifest_kind_is_checked():
+    kinds = [d.get("kind", "launcher" if "provider" in d else None) for p in CONFIGS for d in _load(p.name)]
+    assert {"RayCluster", "RayJob", "launcher"} <= set(kinds)
+
+
+def _broken(doc: dict, edit) -> list[str]:
+    doc = copy.deepcopy(doc)
+    edit(doc)
+    return cfgcheck.validate_doc(doc)
+
+
+def test_the_validator_rejects_broken_manifests():
+    job, cluster = _job(), _load("kuberay-raycluster.yaml")[0]
+    launcher = _load("aws-cluster.yaml")[0]
+    worker = lambda d: cfgcheck.cluster_spec(d)["workerGroupSpecs"][0]  # noqa: E731
+    cases = {
+        "a required field missing (maxReplicas)": (job, lambda d: worker(d).pop("maxReplicas"), "maxReplicas"),
+        "no headGroupSpec": (cluster, lambda d: d["spec"].pop("headGroupSpec"), "headGroupSpec"),
+        "a misspelt field": (job, lambda d: d["spec"].update(submisionMode="K8sJobMode"), "submisionMode"),
+        "a wrong type": (job, lambda d: worker(d).update(replicas="8"), "replicas"),
+        "a container without its name": (
+            cluster, lambda d: d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("name"), "name"),
+        "a command without the annotation": (
+            cluster, lambda d: worker(d)["template"]["spec"]["containers"][0].update(
+                command=["/bin/bash", "-lc", "--"], args=["pip install x && $KUBERAY_GEN_RAY_START_CMD"]),
+            "overwrite-container-cmd"),
+        "an unknown submissionMode": (job, lambda d: d["spec"].update(submissionMode="K8sMode"), "submissionMode"),
+        "replicas above maxReplicas": (cluster, lambda d: worker(d).update(replicas=99), "replicas"),
+        "a mount without a volume": (
+            job, lambda d: worker(d)["template"]["spec"]["volumes"].pop(0), "shared"),
+        "a launcher node type without resources": (
+            launcher, lambda d: d["available_node_types"]["gpu_worker"].pop("resources"), "resources"),
+        "a launcher docker typo": (launcher, lambda d: d["docker"].update(imag="x"), "imag"),
+    }
+    for what, (doc, edit, needle) in cases.items():
+        errors = _broken(doc, edit)
+        assert errors and any(needle in e for e in errors), f"{what}: {errors}"
+
+
+def test_the_command_annotation_allows_a_command():
+    cluster = copy.deepcopy(_load("kuberay-raycluster.yaml")[0])
+    cluster["metadata"]["annotations"] = {"ray.io/overwrite-container-cmd": "true"}
+    cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0].update(
+        command=["/bin/bash", "-lc", "--"], args=["ulimit -n 65536 && $KUBERAY_GEN_RAY_START_CMD"])
+    assert cfgcheck.validate_doc(cluster) == []
+
+
+# ------------------------------------------------------------------------------------ deployment agreement
+def _containers(doc: dict) -> list[dict]:
+    return [c for _, pod in cfgcheck.pod_specs(doc) for c in pod.get("containers", [])]
+
+
+def test_image_ray_version_and_install_agree():
+    dockerfile = (REPO / "Dockerfile").read_text()
+    base = re.search(r"^ARG RAY_IMAGE=(\S+)$", dockerfile, re.M).group(1)
+    assert base == f"rayproject/ray:{RAY_VERSION}-py311-gpu"
+    assert re.search(r"^FROM \$\{RAY_IMAGE\}$", dockerfile, re.M)
+    assert re.search(r"^RUN bash \S*scripts/install\.sh --gpu ", dockerfile, re.M)  # the script CI's wheel test runs
+    assert "pip install" not in dockerfile  # everything goes through the script and the lock
+    for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml"):
+        doc = _load(name)[0]
+        assert cfgcheck.cluster_spec(doc)["rayVersion"] == RAY_VERSION
+        for c in _containers(doc):
+            assert IMAGE.match(c["image"]), c["image"]
+            assert "command" not in c and "args" not in c  # the operator starts Ray itself
+    launcher = _load("aws-cluster.yaml")[0]
+    assert IMAGE.match(launcher["docker"]["image"])
+    for name in CONFIGS:
+        assert "pip install" not in name.read_text(), name  # nothing installed at start: the image has it
+
+
+def test_rayjob_entrypoint_volumes_and_retries():
+    job = _job()
     spec = job["spec"]
-    assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] >= 1
-    assert spec["activeDeadlineSeconds"] > 0
-    assert "/shared/" in spec["entrypoint"]
-    worker = spec["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert spec["submissionMode"] in cfgcheck.SUBMISSION_MODES
+    assert spec["shutdownAfterJobFinishes"] is True and 0 < spec["ttlSecondsAfterFinished"] <= 3600
+    assert spec["backoffLimit"] >= 1 and spec["activeDeadlineSeconds"] > 0
+    argv = shlex.split(spec["entrypoint"])
+    assert argv[:2] == ["manifoldgd", "distill"]
+    config = argv[argv.index("--config") + 1]
+    assert "/" not in config and load_yaml(config)  # a packaged preset, not a file that must be put somewhere
+    pvcs = {d["metadata"]["name"]: d["spec"]["accessModes"] for d in _load("kuberay-volumes.yaml")}
+    for where, pod in cfgcheck.pod_specs(job):
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"]: m for c in pod["containers"] for m in c["volumeMounts"]}
+        out_mount = next(m for path, m in mounts.items() if argv[argv.index("--out") + 1].startswith(path + "/"))
+        data_mount = next(m for path, m in mounts.items() if argv[argv.index("--data") + 1].startswith(path + "/"))
+        assert pvcs[claims[out_mount["name"]]] == ["ReadWriteMany"], where
+        assert pvcs[claims[data_mount["name"]]] == ["ReadOnlyMany"] and data_mount.get("readOnly"), where
+        if where.startswith("worker"):
+            assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+            assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_launcher_has_resources_and_a_shared_filesystem():
+    launcher = _load("aws-cluster.yaml")[0]
+    assert all("resources" in t for t in launcher["available_node_types"].values())
+    assert launcher["available_node_types"]["gpu_worker"]["resources"]["GPU"] >= 1
+    assert any(o.startswith("-v ") and o.endswith(":/shared") for o in launcher["docker"]["run_options"])
+    assert any("mount -t nfs" in c for c in launcher["initialization_commands"])
+    assert not launcher.get("setup_commands")
+
+
+# ------------------------------------------------------------------------------------------------- the lock
+def test_lock_is_the_projects_whole_dependency_closure():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import lock
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    expected = lock.render(lock.closure(lock.roots()))
+    assert (REPO / "requirements" / "lock-cpu.txt").read_text() == expected, "run `make lock` and commit it"
+    pins = dict(line.split("==") for line in expected.splitlines() if "==" in line)
+    assert pins["torch"] == "2.13.0" and pins["ray"] == RAY_VERSION
+    gpu = (REPO / "requirements" / "lock-gpu.txt").read_text()
+    assert "-r lock-cpu.txt" in gpu.splitlines()
+    cupy = PYPROJECT["project"]["optional-dependencies"]["gpu"][0].split(">")[0]
+    assert re.search(rf"^{cupy}==[\d.]+;", gpu, re.M), "the gpu extra's CuPy is pinned in the GPU lock"
+    makefile = (REPO / "Makefile").read_text()
+    assert re.search(r"^\$\(STAMP\):.*\$\(LOCK\)", makefile, re.M) and "scripts/install.sh" in makefile
+
+
+# ------------------------------------------------------------------------------ what --working-dir uploads
+def _ray_package(src: Path, dest: Path) -> zipfile.ZipFile:
+    """Zip `src` exactly as `ray job submit --working-dir src` would (Ray's own packaging code), honouring only
+    .rayignore (include_gitignore=False: the worst case, e.g. RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)."""
+    from ray._private.runtime_env.packaging import create_package
+
+    create_package(str(src), dest, include_gitignore=False)
+    return zipfile.ZipFile(dest)
+
+
+def test_rayignore_keeps_the_upload_small_and_complete(tmp_path):
+    copy_ = tmp_path / "repo"
+    shutil.copytree(REPO, copy_, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "out", "build"))
+    # What a working checkout holds besides the code: every kind the upload must leave out ...
+    junk = [".venv/lib/python3.11/site-packages/torch/lib/libtorch.so", ".git/objects/pack/pack-1.pack",
+            "runs/demo/train/0/0_0000.png", "out/x/_work/latents/part-0.parquet", "models/DiT-XL-2-256/x.safetensors",
+            "pipeline/priors/mnist10k/.ray_train/checkpoint_0/model.pt", "build/lib/pipeline/cli.py",
+            "manifoldgd.egg-info/PKG-INFO", "pipeline/__pycache__/cli.cpython-311.pyc", "tests/test_x.py"]
+    # ... and a package folder whose name a careless pattern would catch.
+    keep = ["pipeline/models/__init__.py", "pipeline/presets/imagenet1k_ipc50.yaml", "pipeline/data/mnist10k.npz"]
+    for rel in junk + keep:
+        (copy_ / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not (copy_ / rel).exists():
+            (copy_ / rel).write_bytes(os.urandom(1 << 20))
+    names = set(_ray_package(copy_, tmp_path / "pkg.zip").namelist())
+    assert not [rel for rel in junk if rel in names]
+    assert all(rel in names for rel in keep)
+    assert "pipeline/__init__.py" in names and "pipeline/__main__.py" in names and "ops/__init__.py" in names
+    assert any(n.startswith("pipeline/priors/mnist10k/") for n in names)  # the built-in prior ships with the code
+
+    # The repository itself, as it stands: well under Ray's 100 MiB cap.
+    pkg = _ray_package(REPO, tmp_path / "repo.zip")
+    size = (tmp_path / "repo.zip").stat().st_size
+    unpacked = sum(i.file_size for i in pkg.infolist())
+    assert size < 30 * 2**20 and unpacked < 50 * 2**20, (size, unpacked)
+    assert not any(n.startswith((".git/", ".venv/", "runs/", "tests/")) for n in pkg.namelist())
+
+
+# ------------------------------------------------------------- helpers for the environments without the repo
+def _deps_only_venv(where: Path) -> Path:
+    """A venv that sees this environment's dependencies (a .pth file naming its site-packages) but not the
+    project: a .pth line is added to sys.path as a plain folder, so the editable install's finder hook in
+    that folder is never run, and nothing named `pipeline` is importable."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    site = Path(subprocess.run([where / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    (site / "_manifoldgd_deps.pth").write_text("".join(f"{p}\n" for p in paths))
+    return where / "bin" / "python"
+
+
+def _clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", **extra)
+    return env
+
+
+def _copy_of_repo(dest: Path) -> Path:
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "out", "build", "*.egg-info",
+                                                              "__pycache__", ".pytest_cache"))
+    return dest
+
+
+# --------------------------------------------------------- the RayJob entrypoint, from a wheel, outside the repo
+@pytest.mark.slow
+def test_rayjob_entrypoint_runs_from_a_wheel_install_outside_the_repo(tmp_path):
+    src = _copy_of_repo(tmp_path / "src")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "wheels"), str(src)], check=True, cwd=tmp_path)
+    (wheel,) = (tmp_path / "wheels").glob("manifoldgd-*.whl")
+    with zipfile.ZipFile(wheel) as whl:  # package data travels in the wheel
+        assert "pipeline/presets/imagenet1k_ipc50.yaml" in whl.namelist()
+    py = _deps_only_venv(tmp_path / "venv")
+    env = _clean_env()
+    probe = subprocess.run([py, "-c", "import pipeline"], cwd=tmp_path, env=env, capture_output=True)
+    assert probe.returncode != 0, "the fresh venv must not see the project before the wheel is installed"
+    # The same script, and the same project step, as the Dockerfile's (the lock step is the Makefile's here).
+    subprocess.run(["bash", REPO / "scripts" / "install.sh", "--no-lock", "--python", py, wheel], check=True,
+                   cwd=tmp_path, env=env)
+    where = subprocess.run([py, "-c", "import pipeline; print(pipeline.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(str(tmp_path / "venv")), where
+
+    argv = shlex.split(_job()["spec"]["entrypoint"])
+    data = write_image_folder(tmp_path / "imagenet", {"n01440764": 3, "n02102040": 2}) / "train"
+    argv[argv.index("--data") + 1] = str(data)  # the cluster's /data and /shared, here
+    argv[argv.index("--out") + 1] = str(tmp_path / "shared" / "out")
+    exe = Path(py).parent / argv[0]
+    assert exe.is_file(), f"the entrypoint's {argv[0]} is not installed by the wheel"
+    run = subprocess.run([exe, *argv[1:], "--dry-run"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "classes: 2; images: 5" in run.stdout
+    assert f"{2 * 50} images into {tmp_path / 'shared' / 'out'}/train" in run.stdout  # IPC 50 from the preset
+
+
+# -------------------------------------------------- `ray job submit --working-dir` to a cluster without manifoldgd
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_dashboard(port: int, proc, timeout: float = 120.0) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "ray start --head exited early"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("the Ray dashboard did not come up")
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_job_submit_with_working_dir_to_a_cluster_without_the_package(tmp_path, tiny_prior):
+    import ray
+
+    ray.shutdown()  # cluster tests run last; the session's private instance is not needed any more
+    py = _deps_only_venv(tmp_path / "venv")
+    env = _clean_env(PATH=f"{py.parent}{os.pathsep}{os.environ['PATH']}")
+    assert subprocess.run([py, "-c", "import pipeline"], cwd=tmp_path, env=env, capture_output=True).returncode != 0
+    ray_cli = [str(py), "-m", "ray.scripts.scripts"]
+    work = _copy_of_repo(tmp_path / "checkout")  # what a user has: a checkout, submitted with --working-dir
+    data = write_image_folder(tmp_path / "data", {"a": 3, "b": 3})
+    out = tmp_path / "out"
+    port, dash = _free_port(), _free_port()
+    ports = [f"--{name}={_free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    # `ray start --block` in its own process group: stopping it ends this cluster only (`ray stop` would end
+    # every Ray on the machine, other users' and tests' included).
+    head = subprocess.Popen([*ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", *ports,
+                             "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats",
+                             f"--temp-dir={tempfile.mkdtemp(prefix='raynopkg', dir='/tmp')}"],
+                            env=env, cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    common = ["--ipc", "2", "--model", str(tiny_prior), "--vae", "", "--set", "sampler.num_steps=4",
+              "--set", "sampler.t_stop=2", "--set", "tangent.neighbours=3", "--set", "tangent.dim=2",
+              "--set", "runtime.progress=false"]
+    entry = (f"python -m pipeline distill --dry-run --data {data} --out {out} && "
+             f"python -m pipeline distill --data {data} --out {out} {shlex.join(common)}")
+    try:
+        _wait_for_dashboard(dash, head)
+        for _ in range(20):  # the job agent comes up some seconds after the dashboard
+            job = subprocess.run([*ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                                  "--working-dir", str(work), "--", "sh", "-c", entry],
+                                 env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in job.stderr:
+                break
+            time.sleep(2)
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    assert "succeeded" in job.stdout.lower()
+    assert "classes: 2; images: 6" in job.stdout  # the dry run's listing
+    assert sorted(p.name for p in (out / "train" / "a").glob("*.png")) == ["a_0000.png", "a_0001.png"]

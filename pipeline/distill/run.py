@@ -48,7 +48,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", help="none | mode | manifold (default manifold)")
     p.add_argument("--cluster", help="divisive | kmeans (default divisive)")
     p.add_argument("--seed", type=int, help="generation seed (default 0)")
-    p.add_argument("--config", metavar="FILE.yaml", help="a config or preset file (see cluster_configs/)")
+    p.add_argument("--config", metavar="FILE_OR_PRESET",
+                   help="a config file, or a packaged preset by name (e.g. imagenet1k_ipc50)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field, e.g. --set sampler.guidance_scale=0.2 (repeatable)")
 
