@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import typing
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -21,7 +22,8 @@ from pathlib import Path
 import yaml
 
 from pipeline.common.errors import ConfigError
-from pipeline.models.loading import DEFAULT_MODEL, DEFAULT_VAE
+from pipeline.inputs.datasets import builtin_names as builtin_dataset_names
+from pipeline.models.loading import DEFAULT_MODEL, DEFAULT_VAE, looks_like_path
 from pipeline.models.refs import model_fingerprint
 
 __all__ = ["ConfigError"]  # re-exported: callers catch it from here
@@ -274,6 +276,34 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
     for name in ("encode_actors", "sample_actors"):
         if getattr(r, name) < 0:
             raise ConfigError(f"runtime.{name}", f"must be >= 0, got {getattr(r, name)}")
+    return absolute_paths(cfg)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def absolute_paths(cfg: DistillConfig) -> DistillConfig:
+    """Resolve every relative local path once, on the driver: Ray workers do not share its working directory.
+
+    Built-in names, ``builtin:`` priors, hub ids and URLs (``s3://...``) stay as they are; a model reference is
+    a path when it names an existing folder or can only be one (``./x``, ``../x``, ``a/b/c``).
+    """
+    def local(ref: str) -> bool:
+        return bool(ref) and "://" not in ref and not ref.startswith("builtin:")
+
+    if local(cfg.data.path) and cfg.data.path not in builtin_dataset_names():
+        cfg.data.path = _absolute(cfg.data.path)
+    if local(cfg.out):
+        cfg.out = _absolute(cfg.out)
+    for name in ("class_map", "classes"):
+        value = getattr(cfg.data, name)
+        if local(value) and Path(value).expanduser().is_file():
+            setattr(cfg.data, name, _absolute(value))
+    for name in ("model", "vae"):
+        ref = getattr(cfg.model, name)
+        if local(ref) and (Path(ref).expanduser().is_dir() or looks_like_path(ref)):
+            setattr(cfg.model, name, _absolute(ref))
     return cfg
 
 

@@ -46,7 +46,7 @@ class Prior:
         return c * h * w
 
 
-def _looks_like_path(ref: str) -> bool:
+def looks_like_path(ref: str) -> bool:
     """A reference that can only mean a folder (a hub id is ``name`` or ``owner/name``)."""
     return (
         ref.startswith(("/", "./", "../", "~", "\\"))
@@ -59,7 +59,7 @@ def _describe(ref: str, subfolder: str | None, revision: str | None) -> str:
     where = f"subfolder '{subfolder}'" if subfolder else "repo root"
     if Path(ref).expanduser().is_dir():
         return f"local folder {Path(ref).expanduser()} ({where})"
-    if _looks_like_path(ref):
+    if looks_like_path(ref):
         return f"local folder {Path(ref).expanduser()} (does not exist)"
     offline = " with HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
     rev = f", revision {revision}" if revision else ""
@@ -70,7 +70,7 @@ def load_part(cls, ref: str, subfolder: str | None, *, dtype, revision):
     """``cls.from_pretrained`` for a local folder or hub id; returns (model, None) or (None, failure line)."""
     what = _describe(ref, subfolder, revision)
     path = Path(ref).expanduser()
-    if not path.is_dir() and _looks_like_path(ref):
+    if not path.is_dir() and looks_like_path(ref):
         return None, f"{cls.__name__}: {what}"
     source = str(path) if path.is_dir() else ref
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
