@@ -287,3 +287,110 @@ def test_quality_classifier_learns_real_digits_quickly():
     test_x, test_y, _ = load_builtin("mnist10k", "test")
     test_x = crop_images(test_x[:500], 32)
     assert float((classify(model, test_x[:500]) == test_y[:500]).mean()) > 0.85
+
+
+def _toy_stage(epochs: int, run, log):
+    """A tiny stage with both kinds of random draws the real ones make: torch's global generator (the VAE's
+    posterior samples) and a generator of its own (the DiT's noise), plus an after-step hook (the EMA)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(7)
+    data = torch.linspace(-1, 1, 8 * 3).view(8, 3)
+    average = [torch.zeros(2, 3)]
+
+    def load(state):
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["generators"][0])
+        average[0] = state["average"]
+
+    start = run.resume("toy", "toy", load)
+
+    def loss(idx):
+        x = data[torch.as_tensor(idx)] + 0.1 * torch.randn(len(idx), 3)
+        target = torch.randn(len(idx), 2, generator=gen)
+        value = (model(x) - target).pow(2).mean()
+        log.append(("loss", [int(i) for i in idx]))
+        return value, {"loss": value}
+
+    def after_step(step):
+        log.append(("step", step))
+        with torch.no_grad():
+            average[0].lerp_(model.weight, 0.5)
+
+    stage = loop.Stage("toy", epochs, 4, 0.1, 5, opt, loss, {"loss": ".4f"},
+                       state=lambda: {"model": model.state_dict(), "opt": opt.state_dict(),
+                                      "torch_rng": torch.get_rng_state(), "average": average[0].clone()},
+                       after_step=after_step, collect=lambda: {"generators": [gen.get_state()]})
+    summary = loop.run_stage(stage, run, n=8, start=start, seed=3, warmup=2, log_every=1, world=1)
+    return model, average[0], summary
+
+
+class _Crash(Exception):
+    pass
+
+
+def _fake_ray_train(monkeypatch, resume_from=None, crash_at_report: int = 0):
+    """ray.train's get_checkpoint / report without a Ray Train session; returns the reported checkpoints."""
+    import ray.train
+
+    reported = []
+
+    def report(metrics, checkpoint=None):
+        if len(reported) + 1 == crash_at_report:
+            raise _Crash  # the worker dies before Ray Train has this epoch's report
+        reported.append(checkpoint)
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: resume_from)
+    monkeypatch.setattr(ray.train, "report", report)
+    return reported
+
+
+def test_shared_loop_steps_exactly_as_the_hand_written_loop(monkeypatch):
+    _fake_ray_train(monkeypatch)
+    log = []
+    model, average, summary = _toy_stage(1, loop.Run(0, every=1), log)
+
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(7)
+    data = torch.linspace(-1, 1, 8 * 3).view(8, 3)
+    ref_average = torch.zeros(2, 3)
+    order = np.random.default_rng([3, 5, 0]).permutation(8)
+    for step, idx in enumerate((order[:4], order[4:])):  # 8 items, batch 4: two steps of one epoch
+        x = data[torch.as_tensor(idx)] + 0.1 * torch.randn(4, 3)
+        loss = (ref(x) - torch.randn(4, 2, generator=gen)).pow(2).mean()
+        opt.param_groups[0]["lr"] = 0.1 * (step + 1) / 2  # warm-up over 2 steps
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            ref_average.lerp_(ref.weight, 0.5)
+    assert [e for e in log if e[0] == "loss"] == [("loss", list(map(int, order[:4]))), ("loss", list(map(int, order[4:])))]
+    assert [e for e in log if e[0] == "step"] == [("step", 1), ("step", 2)]
+    assert torch.equal(model.weight, ref.weight) and torch.equal(model.bias, ref.bias)
+    assert torch.equal(average, ref_average)
+    assert summary["toy_steps"] == 2 and summary["toy_final_epoch_loss"] > 0
+
+
+def test_shared_loop_resumed_from_a_checkpoint_gives_the_same_bytes(monkeypatch):
+    _fake_ray_train(monkeypatch)
+    whole, whole_average, _ = _toy_stage(3, loop.Run(0, every=1), [])
+
+    reported = _fake_ray_train(monkeypatch, crash_at_report=2)
+    with pytest.raises(_Crash):
+        _toy_stage(3, loop.Run(0, every=1), [])
+    assert len(reported) == 1 and reported[0] is not None  # epoch 1's checkpoint is all that survived
+
+    _fake_ray_train(monkeypatch, resume_from=reported[0])
+    run = loop.Run(0, every=1)
+    assert run.state["epoch"] == 1 and len(run.history) == 1
+    log = []
+    resumed, resumed_average, summary = _toy_stage(3, run, log)
+    assert [e for e in log if e[0] == "step"][0] == ("step", 3)  # the step count continues
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+    assert torch.equal(resumed_average, whole_average)
+    assert summary["toy_steps"] == 6 and len(run.history) == 3
