@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.common.images import to_model_range
+from pipeline.prior import loop, nets
 from pipeline.prior import train as tp
+from pipeline.prior.config import PriorTrainConfig, run_name
+from pipeline.prior.loss import DiffusionLoss
 
 LATENT = (4, 4, 4)
 
@@ -20,7 +24,7 @@ LATENT = (4, 4, 4)
 class OracleModel:
     """Predicts the true noise of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps and a fixed variance value."""
 
-    def __init__(self, loss: tp.DiffusionLoss, x0: torch.Tensor, v: float, eps_scale: float = 1.0):
+    def __init__(self, loss: DiffusionLoss, x0: torch.Tensor, v: float, eps_scale: float = 1.0):
         self.loss, self.x0, self.v, self.eps_scale = loss, x0, v, eps_scale
 
     def __call__(self, x_t, timestep, class_labels):
@@ -36,7 +40,7 @@ def _batch(n=8, seed=0):
 
 
 def test_oracle_has_zero_mse_and_zero_bound_when_its_variance_is_the_posterior_variance():
-    loss = tp.DiffusionLoss(1000, learned_variance=True, device="cpu")
+    loss = DiffusionLoss(1000, learned_variance=True, device="cpu")
     x0, noise = _batch()
     t = torch.tensor([1, 5, 50, 200, 500, 800, 990, 999])
     # v = -1 selects log beta_tilde_t: exactly q(x_{t-1} | x_t, x0) when the mean is exact.
@@ -51,7 +55,7 @@ def test_oracle_has_zero_mse_and_zero_bound_when_its_variance_is_the_posterior_v
 
 
 def test_bound_at_t0_is_the_gaussian_nll_of_x0():
-    loss = tp.DiffusionLoss(1000, learned_variance=True, device="cpu")
+    loss = DiffusionLoss(1000, learned_variance=True, device="cpu")
     x0, noise = _batch(n=2)
     t = torch.zeros(2, dtype=torch.long)
     _, vb = loss.terms(OracleModel(loss, x0, v=-1.0), x0, None, t, noise)
@@ -62,7 +66,7 @@ def test_bound_at_t0_is_the_gaussian_nll_of_x0():
 
 
 def test_bound_trains_only_the_variance_channels():
-    loss = tp.DiffusionLoss(1000, learned_variance=True, device="cpu")
+    loss = DiffusionLoss(1000, learned_variance=True, device="cpu")
     x0, noise = _batch()
     out = torch.randn((8, 8, 4, 4), requires_grad=True)
 
@@ -75,7 +79,7 @@ def test_bound_trains_only_the_variance_channels():
 
 
 def test_fixed_variance_loss_is_the_epsilon_mse_alone():
-    loss = tp.DiffusionLoss(1000, learned_variance=False, device="cpu")
+    loss = DiffusionLoss(1000, learned_variance=False, device="cpu")
     x0, noise = _batch()
 
     def model(x_t, timestep, class_labels):
@@ -85,14 +89,14 @@ def test_fixed_variance_loss_is_the_epsilon_mse_alone():
     assert torch.allclose(mse, noise.pow(2).mean(dim=(1, 2, 3))) and torch.all(vb == 0)
 
 
-def _tiny_cfg(**kw) -> tp.PriorTrainConfig:
+def _tiny_cfg(**kw) -> PriorTrainConfig:
     base = dict(image_size=16, vae_channels=(8, 8, 8), hidden_size=16, num_heads=2, depth=1)
     base.update(kw)
-    return tp.PriorTrainConfig(**base)
+    return PriorTrainConfig(**base)
 
 
 def test_transformer_starts_at_zero_with_a_null_class_row():
-    model = tp.build_transformer(_tiny_cfg(), num_classes=10, latent_size=4)
+    model = nets.build_transformer(_tiny_cfg(), num_classes=10, latent_size=4)
     table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
     assert table.num_embeddings == 11  # classes 0..9 and the null class 10
     out = model(torch.randn(3, *LATENT), timestep=torch.tensor([1, 500, 999]),
@@ -110,14 +114,14 @@ def test_builtin_label_dropout_is_replaced_by_the_loops_own():
     with torch.no_grad():
         a, b = model(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample
         assert not torch.equal(a, b)  # diffusers drops labels at random in train()
-        tp.disable_builtin_label_dropout(model)
+        nets.disable_builtin_label_dropout(model)
         a, b = model(x, timestep=t, class_labels=y).sample, model(x, timestep=t, class_labels=y).sample
     assert torch.equal(a, b)
 
 
 def test_min_snr_weight_caps_only_the_nearly_clean_steps():
-    plain = tp.DiffusionLoss(1000, learned_variance=False, device="cpu")
-    weighted = tp.DiffusionLoss(1000, learned_variance=False, device="cpu", snr_gamma=5.0)
+    plain = DiffusionLoss(1000, learned_variance=False, device="cpu")
+    weighted = DiffusionLoss(1000, learned_variance=False, device="cpu", snr_gamma=5.0)
     assert torch.all(plain.mse_weight == 1)
     w = weighted.mse_weight
     snr = weighted.sqrt_abar ** 2 / weighted.sqrt_one_minus_abar ** 2
@@ -135,14 +139,14 @@ def test_min_snr_weight_caps_only_the_nearly_clean_steps():
 
 def test_standardizing_latents_keeps_every_decoded_image_and_balances_channels():
     torch.manual_seed(0)
-    vae = tp.build_vae(_tiny_cfg()).eval()
+    vae = nets.build_vae(_tiny_cfg()).eval()
     x = torch.rand(32, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         before = vae.encode(x).latent_dist
         z = before.mean * torch.tensor([0.2, 1.0, 3.0, 0.5]).view(1, 4, 1, 1)  # arbitrary latents
         image = vae.decode(z).sample
         mean_c, std_c = before.mean.mean(dim=(0, 2, 3)), before.mean.std(dim=(0, 2, 3))
-        tp.standardize_latents_(vae, mean_c, std_c)
+        nets.standardize_latents_(vae, mean_c, std_c)
         after = vae.encode(x).latent_dist
         same_image = vae.decode((z - mean_c.view(1, 4, 1, 1)) / std_c.view(1, 4, 1, 1)).sample
     assert torch.allclose(after.mean.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5)
@@ -154,16 +158,16 @@ def test_standardizing_latents_keeps_every_decoded_image_and_balances_channels()
 def test_shared_embedder_is_one_module_and_saves_as_identical_copies(tmp_path):
     from diffusers import DiTTransformer2DModel
 
-    model = tp.build_transformer(_tiny_cfg(depth=3), num_classes=10, latent_size=4)
+    model = nets.build_transformer(_tiny_cfg(depth=3), num_classes=10, latent_size=4)
     n_separate = sum(p.numel() for p in model.parameters())
-    tp.share_embedders_(model)
+    nets.share_embedders_(model)
     blocks = model.transformer_blocks
     assert blocks[2].norm1.emb is blocks[0].norm1.emb
     assert sum(p.numel() for p in model.parameters()) < n_separate  # one table trained, not three
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))  # as after training: non-zero everywhere
-    copy = tp.untied_copy(model)
+    copy = nets.untied_copy(model)
     assert copy.transformer_blocks[2].norm1.emb is not copy.transformer_blocks[0].norm1.emb
     copy.save_pretrained(tmp_path / "t")
     loaded = DiTTransformer2DModel.from_pretrained(tmp_path / "t").eval()
@@ -174,22 +178,22 @@ def test_shared_embedder_is_one_module_and_saves_as_identical_copies(tmp_path):
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
-    rates = [tp._lr_at(s, 100, 1.0, 10) for s in range(100)]
+    rates = [loop.lr_at(s, 100, 1.0, 10) for s in range(100)]
     assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)
     assert all(x >= y for x, y in zip(rates[10:], rates[11:])) and rates[-1] == pytest.approx(0.1, abs=1e-3)
 
 
 def test_batches_deal_one_permutation_to_all_ranks_without_overlap():
-    per_rank = [list(tp._batches(50, 8, r, 2, np.random.default_rng(3))) for r in range(2)]
+    per_rank = [list(loop.batches(50, 8, r, 2, np.random.default_rng(3))) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) == 3  # 50 // 16 full global steps
     seen = np.concatenate([np.concatenate(b) for b in per_rank])
     assert len(np.unique(seen)) == len(seen) == 48
 
 
 def test_run_name_changes_with_training_settings_only():
-    a = tp.run_name(_tiny_cfg(out="/x", epochs=3))
-    assert a == tp.run_name(_tiny_cfg(out="/elsewhere", epochs=3, log_every=7))  # a rerun resumes
-    assert a != tp.run_name(_tiny_cfg(out="/x", epochs=4)) and a != tp.run_name(_tiny_cfg(out="/x", epochs=3, seed=1))
+    a = run_name(_tiny_cfg(out="/x", epochs=3))
+    assert a == run_name(_tiny_cfg(out="/elsewhere", epochs=3, log_every=7))  # a rerun resumes
+    assert a != run_name(_tiny_cfg(out="/x", epochs=4)) and a != run_name(_tiny_cfg(out="/x", epochs=3, seed=1))
 
 
 @pytest.mark.slow
@@ -219,7 +223,7 @@ def test_train_prior_through_ray_train_writes_a_loadable_prior(tmp_path, ray_ses
     pixels, _, _ = tp.load_training_images("mnist10k", 16)
     pixels = pixels[tp.subset_indices(len(pixels), 64, cfg.seed)]
     with torch.no_grad():
-        mean = prior.vae.encode(tp._to_model_range(pixels, "cpu")).latent_dist.mean
+        mean = prior.vae.encode(to_model_range(pixels, "cpu")).latent_dist.mean
     scaled = (mean - prior.vae.config.shift_factor) * prior.scaling_factor
     assert float(scaled.mean()) == pytest.approx(0.0, abs=1e-4)
     assert float(scaled.std()) == pytest.approx(1.0, abs=1e-3)
@@ -273,10 +277,120 @@ def test_shipped_prior_is_small_loads_and_samples_digits():
 
 
 def test_quality_classifier_learns_real_digits_quickly():
-    from pipeline.prior.quality import classify, real_images, train_classifier
+    from pipeline.common.images import crop_images
+    from pipeline.inputs.datasets import load_builtin
+    from pipeline.prior.quality import classify, train_classifier
 
-    x, y, names = real_images("mnist10k", "train", 32)
+    x, y, names = load_builtin("mnist10k", "train")
     keep = tp.subset_indices(len(x), 1500, 0)
-    model = train_classifier(x[keep], y[keep], len(names), epochs=2, batch_size=32, seed=0)
-    test_x, test_y, _ = real_images("mnist10k", "test", 32)
+    model = train_classifier(crop_images(x[keep], 32), y[keep], len(names), epochs=2, batch_size=32, seed=0)
+    test_x, test_y, _ = load_builtin("mnist10k", "test")
+    test_x = crop_images(test_x[:500], 32)
     assert float((classify(model, test_x[:500]) == test_y[:500]).mean()) > 0.85
+
+
+def _toy_stage(epochs: int, run, log):
+    """A tiny stage with both kinds of random draws the real ones make: torch's global generator (the VAE's
+    posterior samples) and a generator of its own (the DiT's noise), plus an after-step hook (the EMA)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(7)
+    data = torch.linspace(-1, 1, 8 * 3).view(8, 3)
+    average = [torch.zeros(2, 3)]
+
+    def load(state):
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        torch.set_rng_state(state["torch_rng"])
+        gen.set_state(state["generators"][0])
+        average[0] = state["average"]
+
+    start = run.resume("toy", "toy", load)
+
+    def loss(idx):
+        x = data[torch.as_tensor(idx)] + 0.1 * torch.randn(len(idx), 3)
+        target = torch.randn(len(idx), 2, generator=gen)
+        value = (model(x) - target).pow(2).mean()
+        log.append(("loss", [int(i) for i in idx]))
+        return value, {"loss": value}
+
+    def after_step(step):
+        log.append(("step", step))
+        with torch.no_grad():
+            average[0].lerp_(model.weight, 0.5)
+
+    stage = loop.Stage("toy", epochs, 4, 0.1, 5, opt, loss, {"loss": ".4f"},
+                       state=lambda: {"model": model.state_dict(), "opt": opt.state_dict(),
+                                      "torch_rng": torch.get_rng_state(), "average": average[0].clone()},
+                       after_step=after_step, collect=lambda: {"generators": [gen.get_state()]})
+    summary = loop.run_stage(stage, run, n=8, start=start, seed=3, warmup=2, log_every=1, world=1)
+    return model, average[0], summary
+
+
+class _Crash(Exception):
+    pass
+
+
+def _fake_ray_train(monkeypatch, resume_from=None, crash_at_report: int = 0):
+    """ray.train's get_checkpoint / report without a Ray Train session; returns the reported checkpoints."""
+    import ray.train
+
+    reported = []
+
+    def report(metrics, checkpoint=None):
+        if len(reported) + 1 == crash_at_report:
+            raise _Crash  # the worker dies before Ray Train has this epoch's report
+        reported.append(checkpoint)
+
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: resume_from)
+    monkeypatch.setattr(ray.train, "report", report)
+    return reported
+
+
+def test_shared_loop_steps_exactly_as_the_hand_written_loop(monkeypatch):
+    _fake_ray_train(monkeypatch)
+    log = []
+    model, average, summary = _toy_stage(1, loop.Run(0, every=1), log)
+
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(7)
+    data = torch.linspace(-1, 1, 8 * 3).view(8, 3)
+    ref_average = torch.zeros(2, 3)
+    order = np.random.default_rng([3, 5, 0]).permutation(8)
+    for step, idx in enumerate((order[:4], order[4:])):  # 8 items, batch 4: two steps of one epoch
+        x = data[torch.as_tensor(idx)] + 0.1 * torch.randn(4, 3)
+        loss = (ref(x) - torch.randn(4, 2, generator=gen)).pow(2).mean()
+        opt.param_groups[0]["lr"] = 0.1 * (step + 1) / 2  # warm-up over 2 steps
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            ref_average.lerp_(ref.weight, 0.5)
+    assert [e for e in log if e[0] == "loss"] == [("loss", list(map(int, order[:4]))), ("loss", list(map(int, order[4:])))]
+    assert [e for e in log if e[0] == "step"] == [("step", 1), ("step", 2)]
+    assert torch.equal(model.weight, ref.weight) and torch.equal(model.bias, ref.bias)
+    assert torch.equal(average, ref_average)
+    assert summary["toy_steps"] == 2 and summary["toy_final_epoch_loss"] > 0
+
+
+def test_shared_loop_resumed_from_a_checkpoint_gives_the_same_bytes(monkeypatch):
+    _fake_ray_train(monkeypatch)
+    whole, whole_average, _ = _toy_stage(3, loop.Run(0, every=1), [])
+
+    reported = _fake_ray_train(monkeypatch, crash_at_report=2)
+    with pytest.raises(_Crash):
+        _toy_stage(3, loop.Run(0, every=1), [])
+    assert len(reported) == 1 and reported[0] is not None  # epoch 1's checkpoint is all that survived
+
+    _fake_ray_train(monkeypatch, resume_from=reported[0])
+    run = loop.Run(0, every=1)
+    assert run.state["epoch"] == 1 and len(run.history) == 1
+    log = []
+    resumed, resumed_average, summary = _toy_stage(3, run, log)
+    assert [e for e in log if e[0] == "step"][0] == ("step", 3)  # the step count continues
+    assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
+    assert torch.equal(resumed_average, whole_average)
+    assert summary["toy_steps"] == 6 and len(run.history) == 3

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.common.images import to_model_range
+from pipeline.common.training import train_minibatches
 
 ARCHITECTURES = ("convnet", "resnetap10", "resnet18")
 
@@ -300,25 +301,21 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Studen
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [total * 2 // 3, total * 5 // 6], gamma=0.2)
     checkpoints = _eval_epochs(recipe.epochs, recipe.eval_points) if test is not None else set()
     curve: list[tuple[int, float]] = []
-    for epoch in range(1, recipe.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x), generator=gen).to(device)
-        for i in range(0, len(x), recipe.batch_size):
-            idx = order[i:i + recipe.batch_size]
-            xb, yb = augment(x[idx], recipe, gen), y[idx]
-            if recipe.cutmix_prob > 0 and rng.random() < recipe.cutmix_prob:
-                xb, ya, yb2, lam = cutmix(xb, yb, recipe.cutmix_beta, rng, gen)
-                out = model(xb)
-                loss = lam * F.cross_entropy(out, ya) + (1 - lam) * F.cross_entropy(out, yb2)
-            else:
-                loss = F.cross_entropy(model(xb), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+
+    def batch_loss(idx):
+        xb, yb = augment(x[idx], recipe, gen), y[idx]
+        if recipe.cutmix_prob > 0 and rng.random() < recipe.cutmix_prob:
+            xb, ya, yb2, lam = cutmix(xb, yb, recipe.cutmix_beta, rng, gen)
+            out = model(xb)
+            return lam * F.cross_entropy(out, ya) + (1 - lam) * F.cross_entropy(out, yb2)
+        return F.cross_entropy(model(xb), yb)
+
+    def end_epoch(epoch):
         if epoch in checkpoints:
             curve.append((epoch, accuracy(model, *test, device=device)))
-    model.eval()
+
+    train_minibatches(model, opt, sched, n=len(x), batch_size=recipe.batch_size, epochs=recipe.epochs,
+                      generator=gen, batch_loss=batch_loss, end_epoch=end_epoch, device=device)
     if curve:
         best_epoch, best = max(curve, key=lambda p: (p[1], -p[0]))
         final = curve[-1][1]

@@ -21,6 +21,7 @@ from torch import nn
 
 from pipeline.common.images import contact_sheet, crop_images, to_model_range
 from pipeline.common.log import get_logger
+from pipeline.common.training import train_minibatches
 from pipeline.distill.sampler import GuidedSampler, SamplerConfig
 from pipeline.inputs.datasets import load_builtin
 from pipeline.models.loading import load_prior
@@ -63,17 +64,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, *
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     total = epochs * -(-len(x) // batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x), generator=gen)
-        for start in range(0, len(x), batch_size):
-            idx = order[start:start + batch_size]
-            loss = F.cross_entropy(model(_shift(x[idx], gen)), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    return train_minibatches(model, opt, sched, n=len(x), batch_size=batch_size, epochs=epochs, generator=gen,
+                             batch_loss=lambda idx: F.cross_entropy(model(_shift(x[idx], gen)), y[idx]))
 
 
 @torch.no_grad()
