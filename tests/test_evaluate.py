@@ -211,7 +211,7 @@ def test_evaluate_rejects_a_test_set_without_the_classes(tmp_path):
 
 # --------------------------------------------------------------------------------------- benchmark
 def test_parse_methods_and_variants():
-    from pipeline.eval.benchmark import METHODS, parse_methods, parse_variants
+    from pipeline.eval.methods import METHODS, parse_methods, parse_variants
 
     assert parse_methods("random,kmeans_real") == ["random", "kmeans_real", "mgd3"]
     assert parse_methods("ladder") == ["mgd3", "divisive", "levelwise", "manifold", "manifoldgd"]
@@ -225,6 +225,60 @@ def test_parse_methods_and_variants():
     for bad in ("x=random:a=1", "x=nothing:a=1", "dit=mgd3:a=1", "x=mgd3"):
         with pytest.raises(ValueError):
             parse_variants([bad])
+
+
+def test_benchmark_distill_config_is_what_the_distill_command_line_resolves(tmp_path):
+    """The benchmark builds each run's config directly (no argv): it must be the config, and so the hash,
+    folder and bytes, of `manifoldgd distill` with the same flags, for the shipped prior and for a hub id."""
+    import argparse
+
+    from pipeline.cli import build_parser
+    from pipeline.distill.run import resolve_config
+    from pipeline.eval.benchmark import distill_config
+    from pipeline.eval.methods import METHODS, parse_variants
+
+    table = {**METHODS, **parse_variants(["lam03=manifold:sampler.guidance_scale=0.3"])}
+    for data, model, vae in (("mnist10k", None, None), (str(tmp_path / "folder"), "facebook/DiT-XL-2-256", "")):
+        args = argparse.Namespace(data=data, model=model, vae=vae, set=["sampler.num_steps=3", "tangent.dim=16"])
+        for name in ("dit", "mgd3", "divisive", "manifold", "manifoldgd", "lam03"):
+            m, out = table[name], tmp_path / name
+            argv = ["distill", "--data", data, "--out", str(out), "--ipc", "10", "--seed", "2",
+                    "--guidance", m.guidance, "--cluster", m.cluster]
+            argv += (["--model", model] if model is not None else []) + (["--vae", vae] if vae is not None else [])
+            for s in [*args.set, *m.sets]:
+                argv += ["--set", s]
+            expected = resolve_config(build_parser(["distill"]).parse_args(argv))
+            got = distill_config(args, m, 10, 2, out)
+            assert got.to_dict() == expected.to_dict() and got.config_hash() == expected.config_hash(), name
+    assert distill_config(args, table["manifold"], 1, 0, tmp_path).tangent.max_multiplier == 1  # the method's own
+
+
+def test_random_real_set_is_the_demos_subset():
+    """`benchmark`'s random real set and `demo`'s draw the same images for the same seed."""
+    from pipeline.common.images import random_subset
+    from pipeline.eval.baselines import RealPool, random_ids
+    from pipeline.inputs.datasets import load_builtin
+
+    _, train_y, names = load_builtin("mnist10k", "train")
+    pool = RealPool("mnist10k", 32)
+    for seed in (0, 3):
+        demo = random_subset(train_y, 4, seed)
+        bench = random_ids(pool, 4, seed)
+        assert [int(i.split("/")[1]) for c in names for i in bench[c]] == demo.tolist()
+        assert all(len(bench[c]) == 4 for c in names)
+    assert random_ids(pool, 4, 0) != random_ids(pool, 4, 1)
+
+
+def test_mean_std_population_std_scaled_and_rounded():
+    from pipeline.eval.evaluate import summarise
+    from pipeline.eval.stats import mean_std
+
+    assert mean_std([1.0, 2.0, None]) == {"mean": 1.5, "std": 0.5, "n": 2}  # raw: the benchmark's metrics
+    assert mean_std([None]) == {"mean": None, "std": None, "n": 0}
+    runs = [{"final_top1": 0.91234, "best_top1": 0.95, "seconds": 1.0},
+            {"final_top1": 0.81234, "best_top1": 0.95, "seconds": 2.0}]
+    assert summarise(runs) == {"final_top1": {"mean": 86.23, "std": 5.0, "n": 2},
+                               "best_epoch_top1": {"mean": 95.0, "std": 0.0, "n": 2}, "seconds": 3.0}
 
 
 def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
@@ -279,7 +333,7 @@ def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
 
 
 def test_latents_are_shared_only_between_runs_of_the_same_data_and_model(tmp_path):
-    from pipeline.eval.benchmark import latent_key, share_latents
+    from pipeline.eval.cells import latent_key, share_latents
 
     def finished_run(name, model):
         work = tmp_path / "out" / "distill" / name / "ipc1_seed0" / "_work"

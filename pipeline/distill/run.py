@@ -55,32 +55,46 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace) -> DistillConfig:
-    """defaults < --config < flags < --set; a built-in dataset brings its shipped prior by default."""
-    from_file = load_yaml(args.config) if args.config else {}
+    """The config of a parsed ``distill`` / ``print-config`` command line (see ``resolve_distill_config``)."""
+    return resolve_distill_config(data=args.data, out=args.out, ipc=args.ipc, seed=args.seed, model=args.model,
+                                  vae=args.vae, guidance=args.guidance, cluster=args.cluster,
+                                  config_file=args.config, overrides=args.set)
+
+
+def resolve_distill_config(*, data: str | None = None, out: str | None = None, ipc: int | None = None,
+                           seed: int | None = None, model: str | None = None, vae: str | None = None,
+                           guidance: str | None = None, cluster: str | None = None, config_file: str | None = None,
+                           overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:
+    """defaults < ``config_file`` < the named values < ``overrides`` (``key=value`` strings, as ``--set``);
+    None means "not given". A built-in dataset brings its shipped prior by default. Not validated: callers do.
+
+    The one place the layering lives: the CLI (``resolve_config``) and ``manifoldgd benchmark`` both call
+    it, so a benchmark run has the config, hash and bytes of the equivalent ``manifoldgd distill``."""
+    from_file = load_yaml(config_file) if config_file else {}
     flags: dict = {}
-    if args.data is not None:
-        flags.setdefault("data", {})["path"] = args.data
-    for key in ("out", "ipc", "seed"):
-        if getattr(args, key) is not None:
-            flags[key] = getattr(args, key)
-    if args.model is not None:
-        flags.setdefault("model", {})["model"] = args.model
-    if args.vae is not None:
-        flags.setdefault("model", {})["vae"] = args.vae
-    if args.guidance is not None:
-        flags.setdefault("sampler", {})["guidance"] = args.guidance
-    if args.cluster is not None:
-        flags.setdefault("cluster", {})["method"] = args.cluster
-    overrides = parse_set(args.set)
-    cfg = build_config(from_file, flags, overrides)
-    model_given = any("model" in layer.get("model", {}) for layer in (from_file, flags, overrides))
+    if data is not None:
+        flags.setdefault("data", {})["path"] = data
+    for key, value in (("out", out), ("ipc", ipc), ("seed", seed)):
+        if value is not None:
+            flags[key] = value
+    if model is not None:
+        flags.setdefault("model", {})["model"] = model
+    if vae is not None:
+        flags.setdefault("model", {})["vae"] = vae
+    if guidance is not None:
+        flags.setdefault("sampler", {})["guidance"] = guidance
+    if cluster is not None:
+        flags.setdefault("cluster", {})["method"] = cluster
+    settings = parse_set(list(overrides))
+    cfg = build_config(from_file, flags, settings)
+    model_given = any("model" in layer.get("model", {}) for layer in (from_file, flags, settings))
     if not model_given and builtin_prior_exists(cfg.data.path):
         # The shipped prior's own tuned settings sit just above the defaults: a file, a flag or --set wins.
         tuned = prior_defaults(cfg.data.path, cfg.sampler.guidance)
         if tuned:
-            cfg = build_config(tuned, from_file, flags, overrides)
+            cfg = build_config(tuned, from_file, flags, settings)
         cfg.model.model = f"builtin:{cfg.data.path}"
-        if not any("vae" in layer.get("model", {}) for layer in (from_file, flags, overrides)):
+        if not any("vae" in layer.get("model", {}) for layer in (from_file, flags, settings)):
             cfg.model.vae = ""
     return cfg
 

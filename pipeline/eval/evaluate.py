@@ -27,6 +27,7 @@ from ops.metrics import distribution_metrics
 from pipeline.common.images import crop_images, load_png_folder
 from pipeline.common.ray_start import init_ray
 from pipeline.eval.features import FeatureLoadError, default_extractor, load_extractor
+from pipeline.eval.stats import mean_std
 from pipeline.eval.students import StudentRecipe, fit, recipe_for
 from pipeline.inputs.datasets import builtin_names, load_builtin
 from pipeline.inputs.preprocess import decode_image
@@ -151,18 +152,11 @@ def run_student_jobs(jobs: list[StudentJob], test: tuple[np.ndarray, np.ndarray]
         on_done(job, ray.get(ready[0]))
 
 
-def mean_std(values) -> dict:
-    """Mean and population standard deviation (ddof 0, as the papers' numpy code), in percent."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64) * 100
-    if v.size == 0:
-        return {"mean": None, "std": None, "n": 0}
-    return {"mean": round(float(v.mean()), 2), "std": round(float(v.std()), 2), "n": int(v.size)}
-
-
 def summarise(results: list[dict]) -> dict:
-    """Seeds of one (set, architecture) -> headline final-epoch top-1 and labelled best-epoch top-1."""
-    return {"final_top1": mean_std(r["final_top1"] for r in results),
-            "best_epoch_top1": mean_std(r["best_top1"] for r in results),
+    """Seeds of one (set, architecture) -> headline final-epoch top-1 and labelled best-epoch top-1, in
+    percent (mean and population std, 2 decimals)."""
+    return {"final_top1": mean_std((r["final_top1"] for r in results), scale=100, digits=2),
+            "best_epoch_top1": mean_std((r["best_top1"] for r in results), scale=100, digits=2),
             "seconds": round(float(sum(r["seconds"] for r in results)), 1)}
 
 
