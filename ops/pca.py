@@ -10,8 +10,9 @@
   precision is nearly free.
 
 Both routes use one rule for rank: a direction whose singular value is at most ``rank_rtol`` times the
-largest is treated as absent and returned as a zero column with singular value 0 (K points span at
-most K - 1 directions once centred; duplicates span fewer). Zero columns leave the projector U U^T
+largest, or at most 4 K eps ||X||_F (eps of the input dtype, X the uncentred points: the rounding left by
+centring identical points), is treated as absent and returned as a zero column with singular value 0
+(K points span at most K - 1 directions once centred; duplicates span fewer). Zero columns leave the projector U U^T
 unchanged, so a basis that asks for more directions than the neighbourhood has simply projects onto
 the ones it has, and both routes agree on it. Signs of the columns are arbitrary (only U U^T matters).
 
@@ -54,7 +55,8 @@ def principal_directions(points, max_dim: int | None = None, *, route: str = "sv
         s, v = s[:r], vt[:r].T
     else:
         s, v = _gram_directions(points, r)
-    return _drop_null_directions(s, v, rank_rtol)
+    floor = 4.0 * k * float(np.finfo(points.dtype).eps) * float(xp.linalg.norm(points))
+    return _drop_null_directions(s, v, rank_rtol, floor)
 
 
 def _gram_directions(points, r: int):
@@ -73,14 +75,12 @@ def _gram_directions(points, r: int):
     return s, v.astype(points.dtype)
 
 
-def _drop_null_directions(s, v, rank_rtol: float):
-    """Zero the directions whose singular value is <= rank_rtol x the largest (see the module docstring)."""
-    xp = array_module(v)
+def _drop_null_directions(s, v, rank_rtol: float, floor: float):
+    """Zero the directions the rank rule calls absent (see the module docstring)."""
     if s.shape[0] == 0:
         return s, v
-    keep = s > rank_rtol * s[0]
-    if not bool(s[0] > 0):  # identical points: no direction at all
-        keep = xp.zeros_like(keep)
+    threshold = max(rank_rtol * float(s[0]), floor)
+    keep = s > threshold
     return s * keep.astype(s.dtype), v * keep[None, :].astype(v.dtype)  # x * 1 is x exactly
 
 
@@ -95,5 +95,10 @@ def largest_principal_angle(a, b) -> float:
     Host float64 arithmetic on small d x d matrices; for tests and benchmarks.
     """
     a64, b64 = to_numpy(a).astype(np.float64), to_numpy(b).astype(np.float64)
-    cosines = np.linalg.svd(a64.T @ b64, compute_uv=False)
-    return float(np.arccos(np.clip(cosines.min(), -1.0, 1.0)))
+    if a64.shape[1] != b64.shape[1]:
+        raise ValueError(f"subspaces of different dimension: {a64.shape[1]} and {b64.shape[1]}")
+    # sin of the largest angle = the spectral norm of the part of b outside span(a); accurate for small
+    # angles, where arccos of the cosines would bottom out near 1e-8.
+    residual = b64 - a64 @ (a64.T @ b64)
+    sine = np.linalg.svd(residual, compute_uv=False).max()
+    return float(np.arcsin(min(sine, 1.0)))
