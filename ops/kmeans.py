@@ -54,8 +54,8 @@ def two_means(Xn, sq_norms, node_sum, rng: np.random.Generator, *, n_init: int =
     All starts run ``explore_iter`` Lloyd steps side by side; the one with the lowest SSE then runs to
     convergence (labels unchanged, shift <= tol_abs, or ``max_iter``). Pruning early keeps several starts
     cheap: after two steps the ranking of 2-means starts rarely changes, and most steps are spent later.
-    Returns boolean labels (n,) (True = cluster 1) on Xn's device, or None when no start separates the
-    points (numerically identical points).
+    Returns boolean labels (n,) on Xn's device, the node's first row always False (see ``_oriented``), or
+    None when no start separates the points (numerically identical points).
     """
     xp = array_module(Xn)
     n = Xn.shape[0]
@@ -111,7 +111,18 @@ def two_means(Xn, sq_norms, node_sum, rng: np.random.Generator, *, n_init: int =
         c1, c0 = new_c1, new_c0
         if shift <= tol_abs:
             break
-    return labels
+    return _oriented(labels)
+
+
+def _oriented(labels):
+    """The same split with the node's first row always on side 0 (False).
+
+    Several starts often reach the same partition with the sides swapped, and which of them wins the
+    SSE comparison is decided by float rounding, which differs between BLAS and cuBLAS. Fixing the
+    orientation makes the children's order (and so node ids and the per-node seeds below them) a
+    function of the partition alone, so numpy and CuPy build the same tree.
+    """
+    return ~labels if bool(labels[0]) else labels
 
 
 def _matmul_columns(A, B):
@@ -162,7 +173,7 @@ def two_means_cuml(Xn, seed: int, *, n_init: int = 4, max_iter: int = DEFAULT_MA
     labels = model.fit(Xn).labels_.astype(bool)
     if bool(labels.all()) or not bool(labels.any()):
         return None
-    return labels
+    return _oriented(labels)
 
 
 def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 300, tol: float = DEFAULT_TOL,
