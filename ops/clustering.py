@@ -6,7 +6,8 @@ nodes of a tree grown past ``ipc`` leaves by the level-wise rule documented on t
 docs/clustering.md; ``select_ipc_centroids`` returns just their centroids.
 
 Arrays: numpy in, numpy out on CPU; CuPy arrays stay on the GPU (centroids, node means). Member index
-arrays are always host numpy arrays, so they can be written into a manifest as they are.
+arrays are always host numpy arrays, so they can be written into a manifest as they are. Which kernels
+run is the ``backend`` argument (see ``ops.backend``: the config-level choice is ``resolve_backend``).
 """
 from __future__ import annotations
 
@@ -131,6 +132,11 @@ def build_divisive_tree(X, max_leaves: int, *, seed: int = 0, n_init: int | None
     grown with the same seed; each split draws from its own generator seeded by (seed, node id).
     ``n_init=None`` picks 8 starts on nodes up to 1e6 values, 3 up to 8e6, 2 above. ``tol`` is relative to the mean per-feature
     variance of the whole of X, as in scikit-learn.
+
+    ``backend`` (a name or an ``ops.backend.ClusterBackend``): "auto" follows X (numpy -> "numpy", CuPy ->
+    "cupy"); "numpy" and "cupy" run the same 2-means with the same host-drawn seeds, so they build the same
+    tree up to float rounding; "cuml" splits with cuML's KMeans (its own seeding, a different tree). Node
+    means stay on X's device; member indices are host arrays.
     """
     X = _validate_points(X)
     max_leaves = _positive_int(max_leaves, "max_leaves")

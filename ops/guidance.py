@@ -5,9 +5,13 @@ Vectors are flattened latents: shape (B, D).
 """
 from __future__ import annotations
 
+import math
+
+from ops.backend import array_module
 from ops.tangent import project
 
 GUIDANCE_MODES = ("none", "mode", "manifold")
+SIGMA_MODES = ("scalar", "elementwise")
 
 
 def x0_from_eps(x_t, eps, alpha_bar):
@@ -45,8 +49,47 @@ def guidance_vector(mode: str, x0_hat, centroid, basis=None, normal_weight: floa
     return tangent + normal_weight * (delta - tangent)
 
 
+def _exp(x):
+    if hasattr(x, "exp"):  # torch
+        return x.exp()
+    return array_module(x).exp(x)
+
+
+def guidance_sigma(log_var, mode: str = "scalar"):
+    """sigma_t of the guidance term lambda * sigma_t * g, from the step's log-variance.
+
+    ``log_var``: the per-coordinate log-variance of the DDPM step, (B, ...) as numpy, CuPy or torch
+    (learned range, ``ops.schedule.learned_range_log_variance``), or one float (fixed variance, where
+    both modes give the same float exp(0.5 log_var)).
+
+    - ``scalar``: one number per sample, exp(0.5 x the mean of its log-variances), shape (B, 1, ..., 1):
+      the geometric mean of the per-coordinate std. The guided displacement lambda sigma g is then a
+      multiple of g, so a manifold g stays exactly in span(U). This is what the sampler has always used.
+    - ``elementwise``: exp(0.5 log_var), one std per coordinate, the same std as the step's noise: the
+      public MGD3 / ManifoldGD code's update x_{t-1} = mu + lambda sigma g + sigma z. A manifold g then
+      leaves span(U) by the spread of the std across coordinates.
+
+    Where they differ: elementwise / scalar lies in [1/q, q] with q = ``ops.schedule.learned_std_spread``
+    (the std ratio between a coordinate at v = +1 and one at v = -1). On DiT's 50-step schedule q is
+    1.007 at i = 26 (the last guided step at t_stop 25, the default), 1.074 at i = 11 (t_stop 10), 1.84 at
+    i = 2 and 7.9 at i = 1 (both guided at t_stop 0, the public code's default).
+    """
+    if mode not in SIGMA_MODES:
+        raise ValueError(f"sigma mode must be one of {SIGMA_MODES}, got {mode!r}")
+    if isinstance(log_var, (int, float)):
+        return math.exp(0.5 * float(log_var))
+    if mode == "elementwise":
+        return _exp(0.5 * log_var)
+    batch = log_var.shape[0]
+    per_sample = log_var.reshape(batch, -1).mean(1)
+    return _exp(0.5 * per_sample).reshape(batch, *([1] * (log_var.ndim - 1)))
+
+
 def guided_mean(mean, sigma, g, scale: float):
     """Posterior mean shifted by the guidance: mu + lambda * sigma_t * g.
+
+    ``sigma``: a float, one number per sample (B, 1, ..., 1) or one per coordinate (the shape of
+    ``mean``), as ``guidance_sigma`` returns; ``g`` has the shape of ``mean``.
 
     The sampler then adds sigma_t * z as in a plain step. The sign pulls x toward the centroid
     (as the MGD3 code does; its paper writes the opposite sign on epsilon).

@@ -1,9 +1,11 @@
 """k-means kernels: a batched 2-means for bisection and a plain k-means (the MGD3 baseline).
 
 Both are written once against the array API shared by numpy and CuPy (``xp`` = ``ops.backend.array_module``),
-so the same lines run on a GPU when the data lives there; cuML is used instead when it is installed and the
-data is on a GPU. Random draws always come from a host ``numpy.random.Generator`` so that a seed means the
-same thing on every backend.
+so the same lines run on a GPU when the data lives there (backend "cupy"). Random draws always come from a
+host ``numpy.random.Generator`` (the few values they depend on are copied to the host first), so a seed
+means the same thing on numpy and CuPy and both backends pick the same starts up to float rounding.
+Backend "cuml" (asked for explicitly, never by "auto") hands the splits and the baseline to cuML's KMeans,
+which seeds itself from ``random_state``: same seed, a different (equally valid) clustering.
 
 Speed notes (why the code looks the way it does; measured on 2 cores, D = 4,096 float32):
 - Squared distances are never formed point by point. For two centres the assignment is a single
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ops.backend import array_module, cuml_available, to_numpy
+from ops.backend import array_module, backend_for_array, to_numpy
 
 # Relative tolerance on the centre shift, as scikit-learn uses it: a run stops when the squared shift
 # summed over the centres is at most tol x the mean per-feature variance of the whole data set.
@@ -26,22 +28,10 @@ DEFAULT_TOL = 1e-4
 DEFAULT_MAX_ITER = 100
 
 
-def choose_backend(X, backend: str = "auto") -> str:
-    """Pick "numpy", "cupy" or "cuml" for ``X``; the choice follows where the data already lives."""
-    if backend not in ("auto", "numpy", "cupy", "cuml"):
-        raise ValueError(f"backend must be 'auto', 'numpy', 'cupy' or 'cuml', got {backend!r}")
-    on_gpu = array_module(X) is not np
-    if backend == "auto":
-        if not on_gpu:
-            return "numpy"
-        return "cuml" if cuml_available() else "cupy"
-    if backend == "numpy" and on_gpu:
-        raise ValueError("backend='numpy' needs X on the host; X is a GPU array")
-    if backend in ("cupy", "cuml") and not on_gpu:
-        raise ValueError(f"backend={backend!r} needs X as a CuPy array")
-    if backend == "cuml" and not cuml_available():
-        raise ValueError("backend='cuml' requested but cuML is not usable here")
-    return backend
+def choose_backend(X, backend="auto") -> str:
+    """"numpy", "cupy" or "cuml" for data ``X``: see ``ops.backend.backend_for_array`` ("auto" follows the
+    data and never picks cuML)."""
+    return backend_for_array(X, backend)
 
 
 def _sample_d2(d2_host: np.ndarray, rng: np.random.Generator) -> int:
@@ -64,8 +54,8 @@ def two_means(Xn, sq_norms, node_sum, rng: np.random.Generator, *, n_init: int =
     All starts run ``explore_iter`` Lloyd steps side by side; the one with the lowest SSE then runs to
     convergence (labels unchanged, shift <= tol_abs, or ``max_iter``). Pruning early keeps several starts
     cheap: after two steps the ranking of 2-means starts rarely changes, and most steps are spent later.
-    Returns boolean labels (n,) (True = cluster 1) on Xn's device, or None when no start separates the
-    points (numerically identical points).
+    Returns boolean labels (n,) on Xn's device, the node's first row always False (see ``_oriented``), or
+    None when no start separates the points (numerically identical points).
     """
     xp = array_module(Xn)
     n = Xn.shape[0]
@@ -121,7 +111,18 @@ def two_means(Xn, sq_norms, node_sum, rng: np.random.Generator, *, n_init: int =
         c1, c0 = new_c1, new_c0
         if shift <= tol_abs:
             break
-    return labels
+    return _oriented(labels)
+
+
+def _oriented(labels):
+    """The same split with the node's first row always on side 0 (False).
+
+    Several starts often reach the same partition with the sides swapped, and which of them wins the
+    SSE comparison is decided by float rounding, which differs between BLAS and cuBLAS. Fixing the
+    orientation makes the children's order (and so node ids and the per-node seeds below them) a
+    function of the partition alone, so numpy and CuPy build the same tree.
+    """
+    return ~labels if bool(labels[0]) else labels
 
 
 def _matmul_columns(A, B):
@@ -159,7 +160,12 @@ def _centres_from_labels(Xn, L, node_sum, total_sq: float):
 
 def two_means_cuml(Xn, seed: int, *, n_init: int = 4, max_iter: int = DEFAULT_MAX_ITER,
                    tol: float = DEFAULT_TOL):
-    """Labels of a cuML 2-means of the rows of ``Xn`` (same contract as ``two_means``)."""
+    """Labels of a cuML 2-means of the rows of ``Xn`` (same contract as ``two_means``).
+
+    cuML's own seeding: ``init="scalable-k-means++"`` (k-means||) drawn by cuML from ``random_state=seed``,
+    best of ``n_init``. It does not use the host generator of ``two_means``, so for the same seed the split
+    differs from the numpy/cupy one; the tree is reproducible for a given cuML version and GPU.
+    """
     from cuml.cluster import KMeans  # noqa: PLC0415 - optional, GPU only
 
     model = KMeans(n_clusters=2, n_init=int(n_init), max_iter=max_iter, tol=tol,
@@ -167,7 +173,7 @@ def two_means_cuml(Xn, seed: int, *, n_init: int = 4, max_iter: int = DEFAULT_MA
     labels = model.fit(Xn).labels_.astype(bool)
     if bool(labels.all()) or not bool(labels.any()):
         return None
-    return labels
+    return _oriented(labels)
 
 
 def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 300, tol: float = DEFAULT_TOL,
@@ -175,7 +181,10 @@ def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 300, to
     """Plain Lloyd k-means with k-means++ seeding; best of ``n_init`` runs. Returns (labels, centers, sse).
 
     Needs at least ``k`` distinct rows (the caller checks); an emptied cluster is re-seeded with the point
-    farthest from its centre, as scikit-learn does.
+    farthest from its centre, as scikit-learn does. Backends ("auto" follows the data, see
+    ``ops.backend.backend_for_array``): "numpy" and "cupy" run this Lloyd loop with the same host-drawn
+    k-means++ starts; "cuml" runs cuML's KMeans with its own seeding (``random_state=seed``), the labels
+    and centres coming back as CuPy arrays. Labels and centres live on X's device.
     """
     backend = choose_backend(X, backend)
     if backend == "cuml":

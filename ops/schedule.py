@@ -150,6 +150,16 @@ def learned_range_log_variance(schedule: Schedule, i: int, v):
     return frac * max_log + (1 - frac) * min_log
 
 
+def learned_std_spread(schedule: Schedule, i: int) -> float:
+    """sqrt(beta_i / beta_tilde_i): the largest ratio between two coordinates' learned-range std at index i.
+
+    The learned log-variance of a coordinate lies between log beta_tilde_i (v = -1) and log beta_i (v = +1),
+    so one number per sample (their geometric mean) is off from any coordinate's std by at most this
+    factor either way. Close to 1 early in sampling (1.007 at i = 26 of DiT's 50 steps), 7.9 at i = 1.
+    """
+    return float(np.exp(0.5 * (np.log(schedule.betas[i]) - schedule.posterior_log_variance_clipped[i])))
+
+
 def posterior_mean_coefficients(schedule: Schedule, i: int) -> tuple[float, float]:
     """(c1, c2) with mu = c1 * x0_hat + c2 * x_t: the mean of q(x_{i-1} | x_i, x0_hat)."""
     return float(schedule.posterior_mean_coef1[i]), float(schedule.posterior_mean_coef2[i])
