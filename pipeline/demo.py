@@ -3,7 +3,7 @@
 distill mnist10k (real MNIST digits) at IPC 10 with ManifoldGD guidance through Ray, using the prior that
 ships with the package -> contact sheet (one row per class) -> a short evaluation: a ConvNet student
 trained from scratch on the 100 distilled images vs on 100 random real training images (10 per class),
-both tested on the 2,000 real test digits.
+both tested on the 1,000 real test digits (the test half of the held-out set, see pipeline/datasets.py).
 """
 from __future__ import annotations
 

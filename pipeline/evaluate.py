@@ -50,15 +50,17 @@ def load_distilled(distilled: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def load_test(spec: str, class_names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Real test images at ``size`` px (the encode stage's preprocessing) with labels in ``class_names`` order.
 
-    ``spec``: a built-in dataset name (its test split), or an ImageFolder root holding test/, val/ or the
-    class folders themselves. Every class of the distilled set must be present; extra classes are dropped.
+    ``spec``: a built-in dataset, ``NAME`` (its test split) or ``NAME:SPLIT`` (``val``, ``test``, ``heldout``,
+    ``train``), or an ImageFolder root holding test/, val/ or the class folders themselves. Every class of
+    the distilled set must be present; extra classes are dropped.
     """
-    from pipeline.datasets import builtin_names, load_builtin  # noqa: PLC0415
+    from pipeline.datasets import load_builtin, parse_spec  # noqa: PLC0415
 
-    if spec in builtin_names():
+    builtin = parse_spec(spec)
+    if builtin is not None:
         from pipeline.demo import as_model_images  # noqa: PLC0415
 
-        images, labels, names = load_builtin(spec, "test")
+        images, labels, names = load_builtin(*builtin)
         index = _class_index(names, class_names, spec)
         keep = np.isin(labels, list(index))
         return as_model_images(images[keep], size), np.asarray([index[y] for y in labels[keep]], dtype=np.int64)
@@ -179,7 +181,7 @@ def resolve_features(spec: str, test_spec: str):
         return None
     if spec == "auto":
         try:
-            return load_extractor(default_extractor(test_spec))
+            return load_extractor(default_extractor(test_spec.partition(":")[0]))
         except FeatureLoadError as exc:
             print(f"note: no distribution metrics: {str(exc).split('. ')[0]}", file=sys.stderr)
             return None
@@ -283,7 +285,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="train students on a distilled set and test them on real images")
     p.add_argument("--distilled", required=True, help="distill output folder (DIR/train/<class>/) or ImageFolder")
-    p.add_argument("--test", required=True, help="built-in dataset name (its test split) or a test ImageFolder")
+    p.add_argument("--test", required=True,
+                   help="built-in dataset NAME (its test split) or NAME:SPLIT (val, test, heldout), or a test ImageFolder")
     p.add_argument("--seeds", type=int, default=3, help="student seeds (mean +- std over them)")
     p.add_argument("--out", help="JSON file (default DIR/eval.json)")
     add_student_arguments(p)
