@@ -194,7 +194,9 @@ def set_metrics(extractor, real_features: np.ndarray, images: np.ndarray, refere
     from ops.metrics import distribution_metrics  # noqa: PLC0415
 
     values = distribution_metrics(real_features, extractor(images), reference)
-    return {**{k: round(v, 6) for k, v in values.items()}, "features": extractor.name,
+    rounded = {k: None if v is None else float(f"{v:.6g}") if k.endswith("gamma") else round(v, 6)
+               for k, v in values.items()}
+    return {**rounded, "features": extractor.name,
             "n_real": int(len(real_features)), "n_synthetic": int(len(images))}
 
 
@@ -276,8 +278,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"[best epoch: {b['mean']:.2f} +- {b['std']:.2f} %]  over {f['n']} seed(s)")
     if extractor is not None:
         m = report["metrics"]
-        print(f"vs real test: FID {m['fid']:.3f}, mean l2 {m['mean_l2']:.3f}, MMD^2 {m['mmd2']:.5f}  "
-              f"[features: {m['features']}]")
+        paper = "n/a" if m["mmd_paper"] is None else f"{m['mmd_paper']:.5f}"
+        print(f"vs real test: FID {m['fid']:.3f}, mean l2 {m['mean_l2']:.3f}, MMD^2 (biased, 1/(2h^2)) "
+              f"{m['mmd2']:.5f}, MMD (paper: sqrt unbiased, 1/median d^2) {paper}  [features: {m['features']}]")
     print(f"wrote {out}")
     return 0
 

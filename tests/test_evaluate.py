@@ -196,6 +196,9 @@ def test_evaluate_command_writes_mean_and_std_over_seeds(tmp_path, ray_session):
         assert r["final_top1"]["std"] == pytest.approx(finals.std(), abs=0.01)
         assert all(s["best_top1"] >= s["final_top1"] for s in r["seeds"])
     assert "mnist10k train split" in report["metrics"]["features"] and report["metrics"]["fid"] >= 0
+    m = report["metrics"]  # both MMDs, under distinct keys: the paper's kernel has twice the gamma
+    assert m["mmd2"] >= 0 and m["mmd_paper"] >= 0 and m["mmd_paper_gamma"] > 0
+    assert m["mmd_paper_gamma"] == pytest.approx(1 / (2 * m["mmd_bandwidth"] ** 2) * 2, rel=1e-4)
 
 
 def test_evaluate_rejects_a_test_set_without_the_classes(tmp_path):
