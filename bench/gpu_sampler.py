@@ -72,7 +72,7 @@ def _sync(device):
 
 
 def run(batches, modes, *, steps: int, device: str, prior, tangent_dim: int = 3, repeats: int = 1):
-    from pipeline.distill.sampler import GuidedSampler, SamplerConfig
+    from pipeline.models.sampler import GuidedSampler, SamplerConfig
 
     cuda = torch.device(device).type == "cuda"
     results = []

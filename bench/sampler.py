@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))  # before bench/ itself, which holds an unrelated 
 
 import torch  # noqa: E402
 
-from pipeline.distill.sampler import GuidanceState, GuidedSampler, SamplerConfig, denoise_step  # noqa: E402
+from pipeline.models.sampler import GuidanceState, GuidedSampler, SamplerConfig, denoise_step  # noqa: E402
 
 
 def _gpu_bench():
@@ -86,7 +86,7 @@ def noise_draw_cost(latent_shape, batches=(8, 64, 256), repeats=5):
 
     On a GPU this overlaps the model forward, whose kernels are already queued when it runs.
     """
-    from pipeline.distill.sampler import _NoiseStreams
+    from pipeline.models.sampler import _NoiseStreams
 
     print(f"\nper-step noise draw from per-sample CPU generators, latents {latent_shape}:")
     for b in batches:

@@ -1,5 +1,16 @@
 """Distances between a real and a synthetic set of feature vectors: Frechet (FID), l2 of the means, MMD.
 
+Two MMDs, kept apart by name because their numbers are not comparable:
+
+- ``mmd2_rbf`` (alias ``mmd_biased_sq``), key ``mmd2``: the biased (V-statistic) MMD^2 with
+  k = exp(-d^2 / (2 h^2)), h^2 = the median squared pairwise distance; no square root. This project's.
+- ``mmd_paper``, key ``mmd_paper``: the square root of the unbiased (U-statistic) MMD^2 with
+  k = exp(-gamma d^2), gamma = 1 / median squared pairwise distance (so twice the gamma above): what the
+  public MGD3 / ManifoldGD evaluation code reports (per the issue that asked for it; the median is taken
+  over the distinct pairs of the pooled set here, as for ``mmd2``). The unbiased MMD^2 can be negative
+  (two samples of one distribution give values on both sides of 0); its square root is taken of
+  max(MMD^2, 0), and the signed value is reported beside it (``mmd2_unbiased``).
+
 Pure numpy on (N, D) arrays; the caller chooses the feature extractor (pipeline/eval/features.py) and must name
 it beside every number, since none of these values means anything without it.
 """
@@ -119,16 +130,22 @@ def _squared_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(d, 0, None)
 
 
+def median_sq_distance(real, synthetic) -> float:
+    """Median squared Euclidean distance over the pooled set (distinct pairs, zero distances ignored);
+    1.0 when every point coincides."""
+    pooled = np.concatenate([_as_features(real, "real"), _as_features(synthetic, "synthetic")])
+    d2 = _squared_distances(pooled, pooled)[np.triu_indices(len(pooled), k=1)]
+    d2 = d2[d2 > 0]
+    return float(np.median(d2)) if d2.size else 1.0
+
+
 def median_bandwidth(real, synthetic) -> float:
     """Median pairwise Euclidean distance over the pooled set (distinct pairs, zero distances ignored).
 
     The usual heuristic: it puts the kernel's length scale where most pairs are, so the kernel neither
     saturates at 0 nor at 1. Falls back to 1.0 when every point coincides.
     """
-    pooled = np.concatenate([_as_features(real, "real"), _as_features(synthetic, "synthetic")])
-    d2 = _squared_distances(pooled, pooled)[np.triu_indices(len(pooled), k=1)]
-    d2 = d2[d2 > 0]
-    return float(np.sqrt(np.median(d2))) if d2.size else 1.0
+    return float(np.sqrt(median_sq_distance(real, synthetic)))
 
 
 def mmd2_rbf(real, synthetic, bandwidth: float | None = None) -> float:
@@ -147,9 +164,55 @@ def mmd2_rbf(real, synthetic, bandwidth: float | None = None) -> float:
     return float(max(kaa + kbb - 2 * kab, 0.0))
 
 
+mmd_biased_sq = mmd2_rbf  # the name that says what it is, beside mmd_paper
+
+
+def mmd2_unbiased_rbf(real, synthetic, gamma: float) -> float:
+    """Unbiased (U-statistic) MMD^2 with k(x, y) = exp(-gamma ||x - y||^2):
+
+        sum_{i != j} k(x_i, x_j) / (m (m - 1)) + sum_{i != j} k(y_i, y_j) / (n (n - 1))
+        - 2 sum_{i, j} k(x_i, y_j) / (m n)
+
+    Signed: it is an unbiased estimate of a non-negative number, so it falls below 0 when the two sets are
+    close. Needs at least 2 vectors in each set."""
+    a, b = _as_features(real, "real"), _as_features(synthetic, "synthetic")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feature sizes differ: {a.shape[1]} vs {b.shape[1]}")
+    m, n = len(a), len(b)
+    if m < 2 or n < 2:
+        raise ValueError(f"the unbiased MMD^2 needs at least 2 vectors per set, got {m} and {n}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be positive, got {gamma}")
+    kaa = np.exp(-gamma * _squared_distances(a, a))
+    kbb = np.exp(-gamma * _squared_distances(b, b))
+    kab = np.exp(-gamma * _squared_distances(a, b))
+    # the diagonals are exp(0) = 1 exactly (squared distances of a point to itself may round to 1e-13)
+    xx = (kaa.sum() - np.trace(kaa)) / (m * (m - 1))
+    yy = (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
+    return float(xx + yy - 2 * kab.mean())
+
+
+def mmd_paper(real, synthetic, gamma: float | None = None) -> float:
+    """The public MGD3 / ManifoldGD code's MMD: sqrt(max(unbiased MMD^2, 0)) with an RBF kernel
+    exp(-gamma d^2), ``gamma`` None = 1 / median squared pairwise distance of the pooled set."""
+    g = 1.0 / median_sq_distance(real, synthetic) if gamma is None else float(gamma)
+    return float(np.sqrt(max(mmd2_unbiased_rbf(real, synthetic, g), 0.0)))
+
+
 def distribution_metrics(real, synthetic, reference: GaussianReference | None = None) -> dict[str, float]:
-    """FID-style Frechet distance, l2 of the means and MMD^2 (median bandwidth), with the bandwidth used.
+    """FID-style Frechet distance, l2 of the means, this project's MMD^2 and the paper's MMD.
+
+    Keys: ``fid``, ``mean_l2``; ``mmd2`` = biased MMD^2, kernel exp(-d^2 / (2 h^2)), with ``mmd_bandwidth`` = h
+    (median pairwise distance); ``mmd_paper`` = sqrt of the unbiased MMD^2 clipped at 0, kernel
+    exp(-gamma d^2) with ``mmd_paper_gamma`` = 1 / median squared distance, and ``mmd2_unbiased`` = that
+    unbiased MMD^2 before clipping (None when a set has fewer than 2 vectors).
     ``reference``: ``GaussianReference.of(real)``, when many sets are compared with the same real one."""
-    h = median_bandwidth(real, synthetic)
-    return {"fid": fid(real, synthetic, reference), "mean_l2": mean_l2(real, synthetic),
-            "mmd2": mmd2_rbf(real, synthetic, h), "mmd_bandwidth": h}
+    med = median_sq_distance(real, synthetic)
+    h = float(np.sqrt(med))
+    out = {"fid": fid(real, synthetic, reference), "mean_l2": mean_l2(real, synthetic),
+           "mmd2": mmd2_rbf(real, synthetic, h), "mmd_bandwidth": h,
+           "mmd_paper": None, "mmd2_unbiased": None, "mmd_paper_gamma": 1.0 / med}
+    if len(np.asarray(real)) >= 2 and len(np.asarray(synthetic)) >= 2:
+        u = mmd2_unbiased_rbf(real, synthetic, 1.0 / med)
+        out.update(mmd_paper=float(np.sqrt(max(u, 0.0))), mmd2_unbiased=u)
+    return out

@@ -20,7 +20,7 @@ COMMANDS = {
                        "write a built-in dataset as PNG ImageFolders (DIR/<split>/<class>/)"),
     "train-prior": ("pipeline.prior.train",
                     "train a small class-conditional latent diffusion prior (AutoencoderKL + DiT) with Ray Train"),
-    "prior-quality": ("pipeline.prior.quality",
+    "prior-quality": ("pipeline.eval.prior_quality",
                       "fraction of unguided class-conditional samples a real-data classifier assigns to their class"),
     "evaluate": ("pipeline.eval.evaluate", "train students on a distilled set and test them on real images"),
     "benchmark": ("pipeline.eval.benchmark",

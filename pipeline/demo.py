@@ -3,7 +3,7 @@
 distill mnist10k (real MNIST digits) at IPC 10 with ManifoldGD guidance through Ray, using the prior that
 ships with the package -> contact sheet (one row per class) -> a short evaluation: a ConvNet student
 trained from scratch on the 100 distilled images vs on 100 random real training images (10 per class),
-both tested on the 2,000 real test digits.
+both tested on the 1,000 real test digits (the test half of the held-out set, see pipeline/inputs/datasets.py).
 """
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli import main as cli_main
 from pipeline.common.images import crop_images, folder_contact_sheet, load_png_folder, random_subset
-from pipeline.distill.run import builtin_prior_exists
+from pipeline.distill.run import builtin_prior_exists, distill_command, resolve_distill_config
 from pipeline.eval.students import StudentRecipe, accuracy, train_student
 from pipeline.inputs.datasets import load_builtin
 
@@ -48,8 +47,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"--out pipeline/priors/{args.data} --torch-threads 1\nthen run the demo again, or pass "
               "--set model.model=FOLDER --set model.vae= to use another prior.", file=sys.stderr)
         return 2
-    code = cli_main(["distill", "--data", args.data, "--out", str(out), "--ipc", str(args.ipc),
-                     "--guidance", "manifold", *sum((["--set", s] for s in args.set), [])])
+    code = distill_command(lambda: resolve_distill_config(data=args.data, out=str(out), ipc=args.ipc,
+                                                          guidance="manifold", overrides=args.set))
     if code:
         return code
     sheet = folder_contact_sheet(out / "train", out / "contact_sheet.png")

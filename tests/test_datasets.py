@@ -87,16 +87,78 @@ def test_load_builtin_returns_each_split(raw):
     assert images.shape == (8000, 28, 28) and images.dtype == np.uint8
     assert labels.dtype == np.int64 and names == [str(d) for d in range(10)]
     assert np.array_equal(images, raw["images"][raw["train_index"]])
-    test_images, test_labels, _ = datasets.load_builtin("mnist10k", "test")
-    assert test_images.shape == (2000, 28, 28)
-    assert np.array_equal(test_labels, raw["labels"][raw["test_index"]].astype(np.int64))
+    heldout_images, heldout_labels, _ = datasets.load_builtin("mnist10k", "heldout")
+    assert heldout_images.shape == (2000, 28, 28)  # what "test" meant before the val/test cut
+    assert np.array_equal(heldout_labels, raw["labels"][raw["test_index"]].astype(np.int64))
+    for split in ("val", "test"):
+        images, labels, _ = datasets.load_builtin("mnist10k", split)
+        rows = datasets.split_index("mnist10k", split)
+        assert images.shape == (1000, 28, 28)
+        assert np.array_equal(images, raw["images"][rows])
+        assert np.array_equal(labels, raw["labels"][rows].astype(np.int64))
 
 
 def test_load_builtin_rejects_unknown_names_and_splits():
     with pytest.raises(KeyError, match="mnist10k"):
         datasets.load_builtin("cifar10")
     with pytest.raises(ValueError, match="split"):
-        datasets.load_builtin("mnist10k", "val")
+        datasets.load_builtin("mnist10k", "dev")
+    with pytest.raises(ValueError, match="split"):
+        datasets.parse_spec("mnist10k:dev")
+
+
+# ----------------------------------------------------------------------------- the val/test halves
+def test_val_and_test_are_disjoint_halves_of_the_heldout_set(raw):
+    val = datasets.split_index("mnist10k", "val")
+    test = datasets.split_index("mnist10k", "test")
+    assert len(val) == 1000 and len(test) == 1000
+    assert len(np.intersect1d(val, test)) == 0
+    assert np.array_equal(np.sort(np.concatenate([val, test])), raw["test_index"])
+    assert len(np.intersect1d(val, raw["train_index"])) == 0 and len(np.intersect1d(test, raw["train_index"])) == 0
+    assert np.all(np.diff(val) > 0) and np.all(np.diff(test) > 0)
+
+
+def test_val_and_test_are_stratified(raw):
+    labels = raw["labels"]
+    heldout = np.bincount(labels[raw["test_index"]], minlength=10)
+    val = np.bincount(labels[datasets.split_index("mnist10k", "val")], minlength=10)
+    test = np.bincount(labels[datasets.split_index("mnist10k", "test")], minlength=10)
+    assert np.array_equal(val + test, heldout)
+    # As even as the data allows: half of each class (the held-out set has 173 to 225 per class, so not
+    # 100 each), the odd ones out alternating between the halves.
+    assert np.all(np.abs(val - test) <= 1)
+    assert np.all((val == test) == (heldout % 2 == 0))
+    assert (val > test).sum() == (test > val).sum()
+
+
+def test_val_and_test_are_stable():
+    """The halves are pinned: any change to the rule, the salt or the data fails here (results chosen on
+    val and reported on test would otherwise silently stop being comparable)."""
+    import hashlib
+
+    digest = {s: hashlib.sha256(datasets.split_index("mnist10k", s).astype("<i8").tobytes()).hexdigest()
+              for s in ("val", "test")}
+    assert digest == {"val": "f7f240d1e6a67d2a51a9f795b5fee2b44b13f8452780b50036a960dc764bc447",
+                      "test": "6248ae071169bc85722bf8aaa0c1a2cfdf5902bb4709d9b715c7aa03e223b64c"}
+
+
+def test_halves_rule_depends_on_the_salt_and_is_order_free(monkeypatch):
+    labels = np.repeat(np.arange(3), [9, 10, 11]).astype(np.uint8)
+    heldout = np.arange(30)
+    val, test = datasets.heldout_halves("x", heldout, labels)
+    assert len(val) + len(test) == 30 and abs(len(val) - len(test)) <= 1
+    assert np.bincount(labels[val]).tolist() == [5, 5, 5] and np.bincount(labels[test]).tolist() == [4, 5, 6]
+    shuffled = np.random.default_rng(0).permutation(heldout)
+    assert np.array_equal(datasets.heldout_halves("x", shuffled, labels)[0], val)  # input order does not matter
+    monkeypatch.setattr(datasets, "HALVES_SALT", "another salt")
+    assert not np.array_equal(datasets.heldout_halves("x", heldout, labels)[0], val)
+
+
+def test_parse_spec():
+    assert datasets.parse_spec("mnist10k") == ("mnist10k", "test")
+    assert datasets.parse_spec("mnist10k:val") == ("mnist10k", "val")
+    assert datasets.parse_spec("mnist10k:heldout") == ("mnist10k", "heldout")
+    assert datasets.parse_spec("/data/imagenette2") is None
 
 
 def test_export_dataset_writes_loadable_imagefolders(tmp_path, raw):
@@ -104,13 +166,14 @@ def test_export_dataset_writes_loadable_imagefolders(tmp_path, raw):
 
     out = tmp_path / "mnist"
     assert cli_main(["export-dataset", "mnist10k", str(out)]) == 0
-    for split, n in (("train", 8000), ("test", 2000)):
+    assert sorted(p.name for p in out.iterdir()) == ["test", "train", "val"]
+    for split, n in (("train", 8000), ("val", 1000), ("test", 1000)):
         _, labels, names = datasets.load_builtin("mnist10k", split)
         assert sorted(p.name for p in (out / split).iterdir()) == names
         per_class = [len(list((out / split / c).glob("*.png"))) for c in names]
         assert per_class == np.bincount(labels, minlength=10).tolist() and sum(per_class) == n
     # A file's index names its row in the .npz, and its pixels are that row's, losslessly.
-    i = int(raw["test_index"][17])
+    i = int(datasets.split_index("mnist10k", "test")[17])
     cls = str(raw["labels"][i])
     back = np.asarray(Image.open(out / "test" / cls / f"{cls}_{i:05d}.png"))
     assert np.array_equal(back, raw["images"][i])
@@ -118,8 +181,16 @@ def test_export_dataset_writes_loadable_imagefolders(tmp_path, raw):
 
 def test_export_one_split_only(tmp_path):
     counts = datasets.export_imagefolder("mnist10k", tmp_path, splits=("test",))
-    assert counts == {"test": 2000}
-    assert not (tmp_path / "train").exists()
+    assert counts == {"test": 1000}
+    assert not (tmp_path / "train").exists() and not (tmp_path / "val").exists()
+
+
+def test_export_dataset_cli_splits_val(tmp_path):
+    assert cli_main(["export-dataset", "mnist10k", str(tmp_path), "--splits", "val"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["val"]
+    names = {p.name for p in (tmp_path / "val").rglob("*.png")}
+    val_rows = {int(n.split("_")[1][:5]) for n in names}
+    assert val_rows == set(datasets.split_index("mnist10k", "val").tolist())
 
 
 def test_exported_folder_is_read_by_the_pipeline_listing(tmp_path):
@@ -127,5 +198,5 @@ def test_exported_folder_is_read_by_the_pipeline_listing(tmp_path):
 
     datasets.export_imagefolder("mnist10k", tmp_path, splits=("test",))
     listing = list_imagefolder(tmp_path, "test")
-    assert listing.classes == [str(d) for d in range(10)] and len(listing.files) == 2000
+    assert listing.classes == [str(d) for d in range(10)] and len(listing.files) == 1000
     assert not listing.rejected

@@ -196,6 +196,9 @@ def test_evaluate_command_writes_mean_and_std_over_seeds(tmp_path, ray_session):
         assert r["final_top1"]["std"] == pytest.approx(finals.std(), abs=0.01)
         assert all(s["best_top1"] >= s["final_top1"] for s in r["seeds"])
     assert "mnist10k train split" in report["metrics"]["features"] and report["metrics"]["fid"] >= 0
+    m = report["metrics"]  # both MMDs, under distinct keys: the paper's kernel has twice the gamma
+    assert m["mmd2"] >= 0 and m["mmd_paper"] >= 0 and m["mmd_paper_gamma"] > 0
+    assert m["mmd_paper_gamma"] == pytest.approx(1 / (2 * m["mmd_bandwidth"] ** 2) * 2, rel=1e-4)
 
 
 def test_evaluate_rejects_a_test_set_without_the_classes(tmp_path):
@@ -382,3 +385,20 @@ def test_load_test_builtin_maps_classes_by_name():
     assert (y3 == 0).sum() == (y == names.index("7")).sum() and (y3 == 1).sum() == (y == names.index("2")).sum()
     with pytest.raises(ValueError, match="no test images"):
         load_test("mnist10k", ["7", "cat"], 32)
+
+
+def test_load_test_builtin_split_suffix_selects_val_test_or_heldout():
+    from pipeline.eval.evaluate import load_test
+
+    classes = [str(d) for d in range(10)]
+    val_x, val_y = load_test("mnist10k:val", classes, 32)
+    test_x, test_y = load_test("mnist10k:test", classes, 32)
+    bare_x, _ = load_test("mnist10k", classes, 32)
+    held_x, _ = load_test("mnist10k:heldout", classes, 32)
+    assert len(val_x) == len(test_x) == 1000 and len(held_x) == 2000
+    assert np.array_equal(bare_x, test_x)  # a bare name means the test half
+    # the halves share no image (no two mnist10k digits are identical, docs/builtin.md)
+    assert not {x.tobytes() for x in val_x} & {x.tobytes() for x in test_x}
+    assert np.abs(np.bincount(val_y, minlength=10) - np.bincount(test_y, minlength=10)).max() <= 1
+    with pytest.raises(ValueError, match="split"):
+        load_test("mnist10k:dev", classes, 32)

@@ -133,3 +133,77 @@ def test_fid_low_rank_path_and_reference_agree_with_the_full_formula(n_synthetic
     assert fid(real, syn) == pytest.approx(expected, rel=1e-7)
     assert fid(None, syn, ref) == pytest.approx(expected, rel=1e-7)
     assert distribution_metrics(real, syn, ref)["fid"] == pytest.approx(expected, rel=1e-7)
+
+
+# ----------------------------------------------------------------------------- the paper's MMD
+def test_unbiased_mmd2_known_answer_with_a_given_gamma():
+    """X = {0, 1}, Y = {2, 4} on a line, gamma = ln 2 so that k = 2^(-d^2), by hand:
+    XX off-diagonal: d^2 = 1 -> 1/2, mean over the 2 ordered pairs = 1/2; YY: d^2 = 4 -> 1/16;
+    XY: d^2 = 4, 16, 1, 9 -> (1/16 + 2^-16 + 1/2 + 2^-9), times 2 / (2 * 2)."""
+    from ops.metrics import mmd2_unbiased_rbf
+
+    x, y = np.array([[0.0], [1.0]]), np.array([[2.0], [4.0]])
+    expected = 1 / 2 + 1 / 16 - (1 / 16 + 2**-16 + 1 / 2 + 2**-9) / 2
+    assert expected == pytest.approx(0.28026580810546875, abs=1e-15)
+    assert mmd2_unbiased_rbf(x, y, np.log(2)) == pytest.approx(expected, rel=1e-12)
+    assert mmd2_unbiased_rbf(y, x, np.log(2)) == pytest.approx(expected, rel=1e-12)
+
+
+def test_paper_mmd_known_answer_with_the_median_gamma():
+    """Pooled {0, 1, 2, 4}: squared distances 1, 4, 16, 1, 9, 4 -> median 4 -> gamma 1/4, and
+    MMD^2_u = e^-1/4 + e^-1 - (e^-1 + e^-4 + e^-1/4 + e^-9/4) / 2; the paper's MMD is its square root.
+    The biased estimate with the project's kernel (2 h^2 = 8) differs: the two must not be confused."""
+    from ops.metrics import median_sq_distance, mmd_biased_sq, mmd_paper
+
+    x, y = np.array([[0.0], [1.0]]), np.array([[2.0], [4.0]])
+    assert median_sq_distance(x, y) == 4.0
+    e = np.exp
+    u = e(-0.25) + e(-1) - (e(-1) + e(-4) + e(-0.25) + e(-2.25)) / 2
+    assert mmd_paper(x, y) == pytest.approx(np.sqrt(u), rel=1e-12)
+    k = lambda d2: e(-d2 / 8)  # noqa: E731
+    biased = (2 + 2 * k(1)) / 4 + (2 + 2 * k(4)) / 4 - 2 * (k(4) + k(16) + k(1) + k(9)) / 4
+    assert mmd_biased_sq(x, y) == pytest.approx(biased, rel=1e-12)
+    m = distribution_metrics(x, y)
+    assert m["mmd_paper"] == pytest.approx(np.sqrt(u), rel=1e-9) and m["mmd_paper_gamma"] == 0.25
+    assert m["mmd2_unbiased"] == pytest.approx(u, rel=1e-9)
+    assert m["mmd2"] == pytest.approx(biased, rel=1e-9) and m["mmd_bandwidth"] == 2.0
+    assert m["mmd_paper"] != pytest.approx(m["mmd2"], rel=0.05)
+
+
+def test_unbiased_mmd2_goes_negative_for_identical_sets_and_the_paper_mmd_clips_it():
+    from ops.metrics import mmd2_unbiased_rbf, mmd_paper
+
+    x = np.array([[0.0], [1.0]])
+    # gamma ln 2: (1/2) + (1/2) - 2 (1 + 1 + 1/2 + 1/2) / 4 = -1/2
+    assert mmd2_unbiased_rbf(x, x.copy(), np.log(2)) == pytest.approx(-0.5, rel=1e-12)
+    assert mmd_paper(x, x.copy()) == 0.0
+    m = distribution_metrics(x, x.copy())
+    assert m["mmd2_unbiased"] < 0 and m["mmd_paper"] == 0.0
+
+
+def test_unbiased_mmd2_is_nearly_unbiased_where_the_biased_one_is_not():
+    """Two samples of one distribution: the U-statistic averages to ~0, the V-statistic stays positive
+    (its bias is about (1 - mean k) (1/m + 1/n))."""
+    from ops.metrics import mmd2_unbiased_rbf
+
+    rng = np.random.default_rng(0)
+    u, v = [], []
+    for _ in range(200):
+        a, b = rng.normal(size=(10, 3)), rng.normal(size=(10, 3))
+        u.append(mmd2_unbiased_rbf(a, b, 0.2))
+        v.append(mmd2_rbf(a, b, bandwidth=np.sqrt(1 / 0.4)))  # the same kernel
+    assert abs(np.mean(u)) < 3 * np.std(u) / np.sqrt(len(u))
+    assert np.mean(v) > 0.05 and min(v) > 0
+    assert np.mean(v) - np.mean(u) > 10 * np.std(u) / np.sqrt(len(u))
+
+
+def test_paper_mmd_grows_with_a_mean_shift_and_needs_two_vectors():
+    from ops.metrics import mmd_paper
+
+    rng = np.random.default_rng(3)
+    a, base = rng.normal(size=(100, 5)), rng.normal(size=(100, 5))
+    values = [mmd_paper(a, base + s, gamma=0.1) for s in (0.0, 0.5, 1.0, 2.0)]
+    assert values == sorted(values) and values[-1] > 0.3
+    with pytest.raises(ValueError, match="at least 2"):
+        mmd_paper(a, base[:1])
+    assert distribution_metrics(a, base[:1])["mmd_paper"] is None

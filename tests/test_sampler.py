@@ -1,4 +1,4 @@
-"""pipeline/models/loading.py + pipeline/distill/sampler.py on tiny random DiT / VAE models saved and loaded back."""
+"""pipeline/models/loading.py + pipeline/models/sampler.py on tiny random DiT / VAE models saved and loaded back."""
 import dataclasses
 import importlib.util
 import json
@@ -14,8 +14,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 
 from ops.schedule import linear_betas
-from pipeline.distill.sampler import GuidedSampler, SamplerConfig, denoise_step, sample_seed
 from pipeline.models.loading import PriorLoadError, load_prior
+from pipeline.models.sampler import GuidedSampler, SamplerConfig, denoise_step, sample_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 LATENT = 8  # latent side; the VAE below doubles it

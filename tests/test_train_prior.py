@@ -198,8 +198,8 @@ def test_run_name_changes_with_training_settings_only():
 
 @pytest.mark.slow
 def test_train_prior_through_ray_train_writes_a_loadable_prior(tmp_path, ray_session):
-    from pipeline.distill.sampler import GuidedSampler, SamplerConfig
     from pipeline.models.loading import load_prior
+    from pipeline.models.sampler import GuidedSampler, SamplerConfig
 
     out = tmp_path / "prior"
     cfg = _tiny_cfg(data="mnist10k", out=str(out), subset=64, vae_epochs=1, epochs=2, vae_batch_size=32,
@@ -261,9 +261,9 @@ SHIPPED = Path(str(resources.files("pipeline").joinpath("priors", "mnist10k")))
 @pytest.mark.skipif(not (SHIPPED / "transformer").is_dir(),
                     reason="the mnist10k prior is not committed yet (issue 5): train it with train-prior")
 def test_shipped_prior_is_small_loads_and_samples_digits():
-    from pipeline.distill.sampler import GuidedSampler, SamplerConfig
     from pipeline.models.loading import load_prior
     from pipeline.models.refs import resolve
+    from pipeline.models.sampler import GuidedSampler, SamplerConfig
 
     assert sum(p.stat().st_size for p in SHIPPED.rglob("*") if p.is_file()) <= 20 * 1024 * 1024
     assert (SHIPPED / "TRAINING.md").is_file()
@@ -278,8 +278,8 @@ def test_shipped_prior_is_small_loads_and_samples_digits():
 
 def test_quality_classifier_learns_real_digits_quickly():
     from pipeline.common.images import crop_images
+    from pipeline.eval.prior_quality import classify, train_classifier
     from pipeline.inputs.datasets import load_builtin
-    from pipeline.prior.quality import classify, train_classifier
 
     x, y, names = load_builtin("mnist10k", "train")
     keep = tp.subset_indices(len(x), 1500, 0)

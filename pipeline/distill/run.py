@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -239,14 +240,18 @@ def dry_run(cfg: DistillConfig, listing) -> None:
           f"{cfg.ipc * len(listing.classes)} images into {cfg.out}/train (config {cfg.config_hash()})")
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def distill_command(resolve: Callable[[], DistillConfig], *, dry_run_only: bool = False,
+                    overwrite: bool = False) -> int:
+    """Resolve, validate, list and run, turning every expected failure into one message and an exit code
+    (2: a bad setting, 130: interrupted, 1: a write failed). The `distill` command and the demo use it."""
+    cfg = None
     try:
-        cfg = validate(resolve_config(args))
+        cfg = validate(resolve())
         listing = list_source(cfg.data)
-        if args.dry_run:
+        if dry_run_only:
             dry_run(cfg, listing)
             return 0
-        run(cfg, listing, overwrite=args.overwrite)
+        run(cfg, listing, overwrite=overwrite)
     except ConfigError as exc:
         print(f"manifoldgd: error: {exc}", file=sys.stderr)
         return 2
@@ -257,12 +262,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     except OSError as exc:  # includes a Ray task's OSError (disk full, permissions) on any node
         cause = getattr(exc, "cause", None) or exc  # a RayTaskError wraps the worker's exception
         errno_name = os.strerror(cause.errno) if getattr(cause, "errno", None) else str(cause).splitlines()[-1]
-        where = getattr(cause, "filename", None) or cfg.out
+        where = getattr(cause, "filename", None) or (cfg.out if cfg else "the output folder")
         print(f"manifoldgd: error: cannot write {where}: {errno_name}. Nothing written is corrupt (files are "
               "renamed into place when complete); fix the cause and rerun the same command to resume",
               file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    return distill_command(lambda: resolve_config(args), dry_run_only=args.dry_run, overwrite=args.overwrite)
 
 
 def cmd_print_config(args: argparse.Namespace) -> int:

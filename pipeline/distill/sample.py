@@ -21,8 +21,8 @@ from pipeline.common.log import get_logger
 from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atomic_write_table, sha256_bytes
 from pipeline.config import DistillConfig, build_config
 from pipeline.distill.plan import expand_bases
-from pipeline.distill.sampler import GuidedSampler, SamplerConfig
 from pipeline.models.refs import load_model
+from pipeline.models.sampler import GuidedSampler, SamplerConfig
 
 log = get_logger().info
 MAX_CLASS_ATTEMPTS = 3

@@ -29,7 +29,7 @@ from pipeline.common.ray_start import init_ray
 from pipeline.eval.features import FeatureLoadError, default_extractor, load_extractor
 from pipeline.eval.stats import mean_std
 from pipeline.eval.students import StudentRecipe, fit, recipe_for
-from pipeline.inputs.datasets import builtin_names, load_builtin
+from pipeline.inputs.datasets import load_builtin, parse_spec
 from pipeline.inputs.preprocess import decode_image
 from pipeline.inputs.sources import list_imagefolder
 
@@ -60,11 +60,13 @@ def load_distilled(distilled: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 def load_test(spec: str, class_names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
     """Real test images at ``size`` px (the encode stage's preprocessing) with labels in ``class_names`` order.
 
-    ``spec``: a built-in dataset name (its test split), or an ImageFolder root holding test/, val/ or the
-    class folders themselves. Every class of the distilled set must be present; extra classes are dropped.
+    ``spec``: a built-in dataset, ``NAME`` (its test split) or ``NAME:SPLIT`` (``val``, ``test``, ``heldout``,
+    ``train``), or an ImageFolder root holding test/, val/ or the class folders themselves. Every class of
+    the distilled set must be present; extra classes are dropped.
     """
-    if spec in builtin_names():
-        images, labels, names = load_builtin(spec, "test")
+    builtin = parse_spec(spec)
+    if builtin is not None:
+        images, labels, names = load_builtin(*builtin)
         index = _class_index(names, class_names, spec)
         keep = np.isin(labels, list(index))
         return crop_images(images[keep], size), np.asarray([index[y] for y in labels[keep]], dtype=np.int64)
@@ -168,7 +170,7 @@ def resolve_features(spec: str, test_spec: str):
         return None
     if spec == "auto":
         try:
-            return load_extractor(default_extractor(test_spec))
+            return load_extractor(default_extractor(test_spec.partition(":")[0]))
         except FeatureLoadError as exc:
             print(f"note: no distribution metrics: {str(exc).split('. ')[0]}", file=sys.stderr)
             return None
@@ -179,7 +181,9 @@ def set_metrics(extractor, real_features: np.ndarray, images: np.ndarray, refere
     """Metrics of one set vs the real features; ``reference`` = ``GaussianReference.of(real_features)``
     when many sets are compared with the same real set."""
     values = distribution_metrics(real_features, extractor(images), reference)
-    return {**{k: round(v, 6) for k, v in values.items()}, "features": extractor.name,
+    rounded = {k: None if v is None else float(f"{v:.6g}") if k.endswith("gamma") else round(v, 6)
+               for k, v in values.items()}
+    return {**rounded, "features": extractor.name,
             "n_real": int(len(real_features)), "n_synthetic": int(len(images))}
 
 
@@ -257,8 +261,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"[best epoch: {b['mean']:.2f} +- {b['std']:.2f} %]  over {f['n']} seed(s)")
     if extractor is not None:
         m = report["metrics"]
-        print(f"vs real test: FID {m['fid']:.3f}, mean l2 {m['mean_l2']:.3f}, MMD^2 {m['mmd2']:.5f}  "
-              f"[features: {m['features']}]")
+        paper = "n/a" if m["mmd_paper"] is None else f"{m['mmd_paper']:.5f}"
+        print(f"vs real test: FID {m['fid']:.3f}, mean l2 {m['mean_l2']:.3f}, MMD^2 (biased, 1/(2h^2)) "
+              f"{m['mmd2']:.5f}, MMD (paper: sqrt unbiased, 1/median d^2) {paper}  [features: {m['features']}]")
     print(f"wrote {out}")
     return 0
 
@@ -266,7 +271,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="train students on a distilled set and test them on real images")
     p.add_argument("--distilled", required=True, help="distill output folder (DIR/train/<class>/) or ImageFolder")
-    p.add_argument("--test", required=True, help="built-in dataset name (its test split) or a test ImageFolder")
+    p.add_argument("--test", required=True,
+                   help="built-in dataset NAME (its test split) or NAME:SPLIT (val, test, heldout), or a test ImageFolder")
     p.add_argument("--seeds", type=int, default=3, help="student seeds (mean +- std over them)")
     p.add_argument("--out", help="JSON file (default DIR/eval.json)")
     add_student_arguments(p)

@@ -76,6 +76,11 @@ def load_part(cls, ref: str, subfolder: str | None, *, dtype, revision):
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     if subfolder:
         kwargs["subfolder"] = subfolder
+    folder = path / subfolder if subfolder else path
+    if folder.is_dir() and not any(folder.glob("*.safetensors")) and any(folder.glob("*.bin")):
+        # The hub's main branch of facebook/DiT-XL-2-256 holds only .bin weights: say so, rather than
+        # let diffusers log an ERROR about the missing .safetensors before it falls back to them.
+        kwargs["use_safetensors"] = False
     if revision is not None and not path.is_dir():
         kwargs["revision"] = revision
     try:
