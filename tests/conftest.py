@@ -2,7 +2,11 @@
 Ray instance per test session (2 CPUs, quiet, offline, with a no-progress timeout so a hang fails)."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +75,30 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked `cluster` shut the shared session instance down to start clusters of their own, so
     they run last."""
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
+def load_script(path: Path, name: str):
+    """A script outside the packages (bench/, scripts/) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_dashboard(port: int, proc, timeout: float = 120.0) -> None:
+    """Until a `ray start --head` process's dashboard answers (or it exits, or the timeout)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "ray start --head exited early"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("the Ray dashboard did not come up")

@@ -2,19 +2,17 @@
 and its own checks hold, so the GPU run that only a lent machine can do does not rot between lends."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+
 def _load():
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "bench" / "gpu.py", "gpu_bench")
 
 
 def test_smoke_path_runs_every_section(capsys):

@@ -18,19 +18,18 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
-from conftest import write_image_folder
+from conftest import free_port, wait_for_dashboard, write_image_folder
 
 from pipeline.config import build_config, load_yaml, validate
 
@@ -324,24 +323,8 @@ def test_rayjob_entrypoint_runs_from_a_wheel_install_outside_the_repo(tmp_path):
 
 
 # -------------------------------------------------- `ray job submit --working-dir` to a cluster without manifoldgd
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def _wait_for_dashboard(port: int, proc, timeout: float = 120.0) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "ray start --head exited early"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("the Ray dashboard did not come up")
 
 
 @pytest.mark.cluster
@@ -357,8 +340,8 @@ def test_job_submit_with_working_dir_to_a_cluster_without_the_package(tmp_path, 
     work = _copy_of_repo(tmp_path / "checkout")  # what a user has: a checkout, submitted with --working-dir
     data = write_image_folder(tmp_path / "data", {"a": 3, "b": 3})
     out = tmp_path / "out"
-    port, dash = _free_port(), _free_port()
-    ports = [f"--{name}={_free_port()}" for name in (
+    port, dash = free_port(), free_port()
+    ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     # `ray start --block` in its own process group: stopping it ends this cluster only (`ray stop` would end
@@ -374,7 +357,7 @@ def test_job_submit_with_working_dir_to_a_cluster_without_the_package(tmp_path, 
     entry = (f"python -m pipeline distill --dry-run --data {data} --out {out} && "
              f"python -m pipeline distill --data {data} --out {out} {shlex.join(common)}")
     try:
-        _wait_for_dashboard(dash, head)
+        wait_for_dashboard(dash, head)
         for _ in range(20):  # the job agent comes up some seconds after the dashboard
             job = subprocess.run([*ray_cli, "job", "submit", "--address", f"http://127.0.0.1:{dash}",
                                   "--working-dir", str(work), "--", "sh", "-c", entry],

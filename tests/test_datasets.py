@@ -1,12 +1,12 @@
 """The built-in dataset mnist10k: the committed file, its split, loading, and export as ImageFolders."""
 from __future__ import annotations
 
-import importlib.util
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_script
 
 from pipeline.cli import main as cli_main
 from pipeline.inputs import datasets
@@ -14,11 +14,9 @@ from pipeline.inputs import datasets
 REPO = Path(__file__).resolve().parents[1]
 
 
+
 def _make_script():
-    spec = importlib.util.spec_from_file_location("make_mnist10k", REPO / "scripts" / "make_mnist10k.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(REPO / "scripts" / "make_mnist10k.py", "make_mnist10k")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,17 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_image_folder
+from conftest import free_port, wait_for_dashboard, write_image_folder
 
 pytestmark = pytest.mark.cluster
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _distill_args(data, out, prior):
@@ -37,18 +32,6 @@ def _tree(out: Path) -> dict:
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "train").rglob("*")) if p.is_file()}
 
 
-def _wait_for_dashboard(port: int, proc, timeout: float = 120.0) -> None:
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, "ray start --head exited early"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2):
-                return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError("the Ray dashboard did not come up")
 
 
 def _env():
@@ -63,12 +46,12 @@ def test_ray_job_submit(tmp_path, tiny_prior):
     ray.shutdown()  # the session's private instance is not needed any more (cluster tests run last)
     data = write_image_folder(tmp_path / "data", {"a": 4, "b": 4})
     out = tmp_path / "out"
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     env = _env()
     # `ray start --block` in its own process group: stopping it ends this cluster only (`ray stop` would
     # end every Ray process on the machine, other users' included).
     # Every port of its own: another Ray on this machine (a user's, a test's) holds the defaults.
-    ports = [f"--{name}={_free_port()}" for name in (
+    ports = [f"--{name}={free_port()}" for name in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
         "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", *ports,
@@ -76,7 +59,7 @@ def test_ray_job_submit(tmp_path, tiny_prior):
                              f"--temp-dir={tempfile.mkdtemp(prefix='rayjob', dir='/tmp')}"], env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_dashboard(dash, head)
+        wait_for_dashboard(dash, head)
         for _ in range(20):  # the job agent comes up some seconds after the dashboard
             job = subprocess.run(
                 [BIN / "ray", "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
