@@ -57,6 +57,10 @@ class ClusterConfig:
     branching: int = 2          # the divisive tree grows to branching x IPC leaves
     start_level: int = -1       # -1 = the default level of ops.clustering.select_ipc_nodes
     centroid: str = "mean"      # mean | medoid
+    # Where stage 2 runs (ops/backend.py): numpy (CPU) | cupy (this project's 2-means on the GPU, numpy's
+    # seeding: the same tree up to float rounding) | cuml (RAPIDS KMeans, its own seeding) | auto (cupy
+    # where CuPy sees a GPU in the plan task, numpy otherwise; never cuml). Recorded per class in the plan.
+    backend: str = "auto"
 
 
 @dataclass
@@ -69,6 +73,9 @@ class TangentConfig:
     schedule: str = "exp"           # linear | cosine | exp
     warm_steps: int = 10            # guided steps over which the radius anneals to its base value
     max_multiplier: float = 2.0     # r_eff = r * max_multiplier at the first guided step
+    # svd (thin SVD of the K x D neighbours) | gram (eigh of their K x K Gram matrix): the same basis to
+    # ~1e-7 rad; gram was 5-10x faster on numpy and 2-6x on CuPy (docs/scale.md, bench/ops.py --only routes)
+    route: str = "gram"
 
 
 @dataclass
@@ -236,11 +243,13 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
     _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
     _choice("cluster.method", cfg.cluster.method, ("divisive", "kmeans"))
     _choice("cluster.centroid", cfg.cluster.centroid, ("mean", "medoid"))
+    _choice("cluster.backend", cfg.cluster.backend, ("auto", "numpy", "cupy", "cuml"))
     if cfg.cluster.branching < 1:
         raise ConfigError("cluster.branching", f"must be >= 1, got {cfg.cluster.branching}")
     t = cfg.tangent
     _choice("tangent.neighbourhood", t.neighbourhood, ("radius", "knn", "node"))
     _choice("tangent.schedule", t.schedule, ("linear", "cosine", "exp"))
+    _choice("tangent.route", t.route, ("svd", "gram"))
     if t.dim <= 0:
         raise ConfigError("tangent.dim", f"must be positive, got {t.dim}")
     if t.neighbours < 2:

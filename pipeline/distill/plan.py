@@ -16,6 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import ray
 
+from ops.backend import array_module, resolve_backend, to_numpy
+from ops.bases import pad_basis
 from ops.clustering import select_ipc_nodes
 from ops.tangent import (
     annealed_bases,
@@ -68,22 +70,18 @@ def latent_matrix(column) -> np.ndarray:
     return values.reshape(n, -1)
 
 
-def _basis(points, dim: int, variance_fraction: float):
+def _basis(points, dim: int, variance_fraction: float, route: str):
     if variance_fraction > 0:
-        return tangent_basis_by_variance(points, variance_fraction, max_dim=dim)
-    return tangent_basis(points, dim)
+        return tangent_basis_by_variance(points, variance_fraction, max_dim=dim, route=route)
+    return tangent_basis(points, dim, route=route)
 
 
-def _pad(basis: np.ndarray, dim: int) -> np.ndarray:
-    """Zero columns leave U U^T unchanged, so bases of different rank can share one array."""
-    out = np.zeros((basis.shape[0], dim), dtype=np.float32)
-    out[:, : basis.shape[1]] = basis
-    return out
+def tangent_plan(X, centroid, members, cfg: DistillConfig, n_steps: int):
+    """(bases (M, D, dim), step_index (n_steps,)) for one centroid, per the configured neighbourhood.
 
-
-def tangent_plan(X: np.ndarray, centroid: np.ndarray, members: np.ndarray, cfg: DistillConfig, n_steps: int):
-    """(bases (M, D, dim), step_index (n_steps,)) for one centroid, per the configured neighbourhood."""
+    ``X`` and ``centroid`` on the backend's device (numpy or CuPy); the result is on the host."""
     t = cfg.tangent
+    xp = array_module(X)
     dim = min(t.dim, X.shape[0] - 1)
     if dim < 1:  # a single distinct image: no direction to follow, guidance becomes zero
         return np.zeros((1, X.shape[1], t.dim), np.float32), np.zeros(n_steps, np.int64)
@@ -92,32 +90,38 @@ def tangent_plan(X: np.ndarray, centroid: np.ndarray, members: np.ndarray, cfg: 
         if radius > 0:
             bases, index = annealed_bases(X, centroid, dim=dim, radius=radius, n_steps=max(n_steps, 1),
                                           warm_steps=t.warm_steps, schedule=t.schedule,
-                                          max_multiplier=t.max_multiplier, max_neighbours=t.max_neighbours)
-            return np.stack([_pad(b, t.dim) for b in bases]), index[:n_steps]
+                                          max_multiplier=t.max_multiplier, max_neighbours=t.max_neighbours,
+                                          route=t.route)
+            stacked = xp.stack([pad_basis(b, t.dim) for b in bases]).astype(xp.float32)
+            return to_numpy(stacked), to_numpy(index)[:n_steps]
     if t.neighbourhood == "node" and len(members) > dim:
-        points = X[members]
+        points = X[xp.asarray(members)]
     else:
         points = X[neighbourhood(X, centroid, 0.0, min_count=min(max(t.neighbours, dim + 1), X.shape[0]))]
-    return _pad(_basis(points, dim, t.variance_fraction), t.dim)[None], np.zeros(n_steps, np.int64)
+    basis = pad_basis(_basis(points, dim, t.variance_fraction, t.route), t.dim).astype(xp.float32)
+    return to_numpy(basis)[None], np.zeros(n_steps, np.int64)
 
 
 def plan_class(X: np.ndarray, cfg: DistillConfig) -> dict:
-    """Centroids and tangent bases for one class's latents (N, D)."""
+    """Centroids and tangent bases for one class's latents (N, D), on ``cluster.backend``'s device; the
+    plan comes back on the host."""
     c = cfg.cluster
+    backend = resolve_backend(c.backend)
+    Xd = backend.asarray(X)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sel = select_ipc_nodes(X, cfg.ipc, method=c.method, branching=c.branching,
+        sel = select_ipc_nodes(Xd, cfg.ipc, method=c.method, branching=c.branching,
                                start_level=None if c.start_level < 0 else c.start_level,
-                               centroid=c.centroid, seed=cfg.seed)
+                               centroid=c.centroid, seed=cfg.seed, backend=backend)
     n_steps = guided_steps(cfg.sampler.num_steps, cfg.sampler.t_stop)
     bases, offsets, steps = [], [0], []
     for i in range(cfg.ipc):
-        b, idx = tangent_plan(X, sel.centroids[i], sel.members[i], cfg, n_steps)
+        b, idx = tangent_plan(Xd, sel.centroids[i], sel.members[i], cfg, n_steps)
         bases.append(b)
         offsets.append(offsets[-1] + len(b))
         steps.append(idx)
     return {
-        "centroids": np.asarray(sel.centroids, dtype=np.float32),
+        "centroids": to_numpy(sel.centroids).astype(np.float32),
         "node_ids": np.asarray(sel.node_ids, dtype=np.int64),
         "levels": np.asarray(sel.levels, dtype=np.int64),
         "repeated": np.asarray(bool(sel.repeated)),
@@ -126,6 +130,7 @@ def plan_class(X: np.ndarray, cfg: DistillConfig) -> dict:
         "bases": np.concatenate(bases).astype(np.float32),
         "offsets": np.asarray(offsets, dtype=np.int64),
         "step_index": np.stack(steps).astype(np.int64).reshape(cfg.ipc, n_steps),
+        "backend": np.asarray(backend.name),
         "warnings": np.asarray([str(w.message) for w in caught], dtype=str),
     }
 
@@ -151,7 +156,8 @@ def run_class(latents_dir: str, class_name: str, cfg: DistillConfig, out_path: s
         atomic_write_bytes(out, buf.getvalue())
     with np.load(out) as plan:
         summary = {"class_name": class_name, "n_images": int(plan["n_images"]), "skipped": False,
-                   "repeated": bool(plan["repeated"]), "warnings": [str(w) for w in plan["warnings"]]}
+                   "repeated": bool(plan["repeated"]), "warnings": [str(w) for w in plan["warnings"]],
+                   "backend": str(plan["backend"]) if "backend" in plan.files else "numpy"}
     summary["seconds"] = time.perf_counter() - start
     return summary
 

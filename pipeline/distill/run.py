@@ -218,6 +218,7 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
                    "quarantined": n_quarantined, "classes": len(classes), "classes_without_images": skipped,
                    "classes_sampled_this_run": len(sampled), "images": n_rows,
                    "classes_with_repeated_centroids": sorted(p["class_name"] for p in plans if p.get("repeated"))},
+        "plan_backends": sorted({p["backend"] for p in plans if p.get("backend")}),
         "nodes_used": sorted({r["node_id"] for r in sampled}),
     }
     atomic_write_json(out.root / "run.json", record)
