@@ -170,7 +170,8 @@ def bench_vae(vae, batches, image_px: int, device: str, repeats: int) -> list[di
 def bench_cluster(X: np.ndarray, gpu: Backend, host: Backend, leaves: int, ipcs, repeats: int) -> list[dict]:
     import warnings
 
-    from ops.clustering import divisive_kmeans, select_ipc_nodes
+    from ops.clustering import divisive_kmeans
+    from ops.selection import select_ipc_nodes
 
     Xd = gpu.asarray(X)
     rows = []
@@ -351,7 +352,7 @@ def main(argv=None) -> dict:
             print(f"--- 3. divisive clustering, one class of {n} x {d} float32 (bench/ops.py:latent_like)", flush=True)
             results["cluster"] = bench_cluster(X, gpu, host, leaves, ipcs, repeats)
         if "tangent" in sections:
-            from ops.clustering import select_ipc_nodes
+            from ops.selection import select_ipc_nodes
 
             centroids = np.asarray(select_ipc_nodes(X, ipcs[-1], seed=0).centroids)
             print(f"--- 4. tangent bases for {len(centroids)} centroids (IPC {ipcs[-1]})", flush=True)

@@ -178,7 +178,7 @@ def _spaces():
 def bench_stage2(X: np.ndarray, ipc: int = 50, repeats: int = 1) -> None:
     """Stage 2 of one class with ops alone: upload (CuPy), divisive tree to 2 x IPC leaves and the IPC
     selection, then the radius-annealed tangent plan of every centroid (d 3, K 12, 24 guided steps)."""
-    from ops.clustering import select_ipc_nodes
+    from ops.selection import select_ipc_nodes
     from ops.tangent import annealed_bases, default_radius
 
     print(f"(d) stage 2 of a {X.shape[0]} x {X.shape[1]} class at IPC {ipc}: tree + selection, then {ipc} "

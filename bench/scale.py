@@ -323,7 +323,7 @@ def class_costs(args) -> dict:
 
     from threadpoolctl import threadpool_limits
 
-    from ops.clustering import select_ipc_nodes
+    from ops.selection import select_ipc_nodes
     from pipeline.config import build_config, validate
     from pipeline.distill.plan import plan_class
     from pipeline.inputs.preprocess import decode_image

@@ -1,9 +1,7 @@
-"""Hierarchical divisive k-means and the multi-scale IPC centroid selection (METHOD.md section 2).
+"""Hierarchical divisive k-means (METHOD.md section 2); the IPC selection on its trees is ``ops.selection``.
 
 ``build_divisive_tree`` grows a binary tree by always bisecting the leaf with the largest SSE with a seeded
-2-means (``ops.kmeans``); ``divisive_kmeans`` is its leaf partition; ``select_ipc_nodes`` picks ``ipc``
-nodes of a tree grown past ``ipc`` leaves by the level-wise rule documented on that function and in
-docs/clustering.md; ``select_ipc_centroids`` returns just their centroids.
+2-means (``ops.kmeans``); ``divisive_kmeans`` is its leaf partition.
 
 Arrays: numpy in, numpy out on CPU; CuPy arrays stay on the GPU (centroids, node means). Member index
 arrays are always host numpy arrays, so they can be written into a manifest as they are. Which kernels
@@ -12,14 +10,13 @@ run is the ``backend`` argument (see ``ops.backend``: the config-level choice is
 from __future__ import annotations
 
 import heapq
-import math
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ops.backend import array_module, check_finite_matrix, to_numpy
-from ops.kmeans import DEFAULT_TOL, choose_backend, kmeans, two_means, two_means_cuml
+from ops.kmeans import DEFAULT_TOL, choose_backend, two_means, two_means_cuml
 
 
 class TooFewPointsWarning(UserWarning):
@@ -86,7 +83,7 @@ class DivisiveTree:
         return labels
 
 
-def _validate_points(X, name: str = "X"):
+def validate_points(X, name: str = "X"):
     if not hasattr(X, "ndim"):  # lists and the like
         X = np.asarray(X)
     check_finite_matrix(X, name)
@@ -100,13 +97,13 @@ def _validate_points(X, name: str = "X"):
     return X
 
 
-def _positive_int(value, name: str) -> int:
+def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
-def _seed(seed) -> int:
+def as_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
@@ -138,13 +135,13 @@ def build_divisive_tree(X, max_leaves: int, *, seed: int = 0, n_init: int | None
     tree up to float rounding; "cuml" splits with cuML's KMeans (its own seeding, a different tree). Node
     means stay on X's device; member indices are host arrays.
     """
-    X = _validate_points(X)
-    max_leaves = _positive_int(max_leaves, "max_leaves")
+    X = validate_points(X)
+    max_leaves = positive_int(max_leaves, "max_leaves")
     if max_leaves > X.shape[0]:
         raise ValueError(f"max_leaves={max_leaves} exceeds the number of points in X ({X.shape[0]})")
     if n_init is not None:
-        n_init = _positive_int(n_init, "n_init")
-    seed = _seed(seed)
+        n_init = positive_int(n_init, "n_init")
+    seed = as_seed(seed)
     backend = choose_backend(X, backend)
     xp = array_module(X)
 
@@ -244,8 +241,8 @@ def divisive_kmeans(X, n_leaves: int, *, seed: int = 0, n_init: int | None = Non
     Like scikit-learn's ``BisectingKMeans(bisecting_strategy="biggest_inertia")``. When X has fewer
     distinct rows than ``n_leaves`` the tree stops early: L < n_leaves, with a TooFewPointsWarning.
     """
-    X = _validate_points(X)
-    n_leaves = _positive_int(n_leaves, "n_leaves")
+    X = validate_points(X)
+    n_leaves = positive_int(n_leaves, "n_leaves")
     if n_leaves > X.shape[0]:
         raise ValueError(f"n_leaves={n_leaves} exceeds the number of points in X ({X.shape[0]})")
     tree = build_divisive_tree(X, n_leaves, seed=seed, n_init=n_init, backend=backend)
@@ -255,194 +252,3 @@ def divisive_kmeans(X, n_leaves: int, *, seed: int = 0, n_init: int | None = Non
                       f"not n_leaves={n_leaves}", TooFewPointsWarning, stacklevel=2)
     xp = array_module(X)
     return tree.leaf_labels(), xp.stack([leaf.mean for leaf in leaves])
-
-
-# ---------------------------------------------------------------------------------------------------------
-# IPC selection
-# ---------------------------------------------------------------------------------------------------------
-
-METHODS = ("divisive", "kmeans")
-CENTROIDS = ("mean", "medoid")
-
-
-@dataclass
-class IPCSelection:
-    """The ``ipc`` centroids of one class and where each came from (one row per centroid).
-
-    node_ids: tree node id (divisive) or k-means cluster index (kmeans); the same id appears more than
-    once only when ``repeated``. levels: depth of the node in the tree (root = 0); -1 for k-means.
-    picked_by: "level" (the level scan), "leaf" (the leaf fill), "kmeans", or "repeat" (a copy of an
-    earlier row because the class has fewer than ``ipc`` distinct points). members: row indices of X in
-    each centroid's node or cluster. n_unique: distinct centroids before repetition.
-    """
-    centroids: object
-    node_ids: np.ndarray
-    levels: np.ndarray
-    picked_by: list
-    members: list
-    n_unique: int
-    repeated: bool
-    method: str
-    start_level: int | None = None
-    tree: DivisiveTree | None = None
-
-
-def default_start_level(ipc: int) -> int:
-    """ceil(log2(ipc)): the depth at which a balanced binary tree has ipc nodes (0 for ipc = 1)."""
-    return int(math.ceil(math.log2(ipc))) if ipc > 1 else 0
-
-
-def select_ipc_nodes(X, ipc: int, *, method: str = "divisive", start_level: int | None = None,
-                     branching: int = 2, seed: int = 0, centroid: str = "mean", n_init: int | None = None,
-                     backend: str = "auto") -> IPCSelection:
-    """Choose ``ipc`` centroids for one class; see docs/clustering.md for the rule with an example.
-
-    method="divisive" (the multi-scale, level-wise rule):
-      1. Grow the divisive tree to ``max_leaves = min(branching * ipc, len(X))`` leaves (fewer if the
-         class has fewer distinct points). With branching >= 2 the tree has spare leaves, which is what
-         makes ``start_level`` matter; branching=1 gives exactly ipc leaves and every start level selects
-         the same set (the public code's behaviour).
-      2. Scan depths s, s-1, ..., 0 with s = min(start_level, tree depth) (default ``ceil(log2(ipc))``).
-         At each depth take at most one node: among the nodes of that depth that are neither an ancestor
-         nor a descendant of a node already taken, and that leave enough untouched leaves to still reach
-         ipc non-nested nodes, take the one with the most members (ties: larger SSE, then lower id).
-         A node with m leaves below it uses up m - 1 of the spare leaves, so coarse nodes are taken only
-         while the budget allows; the root is taken only for ipc = 1.
-      3. Fill the remaining places with leaves that are not below a taken node, most members first
-         (ties: larger SSE, then lower id).
-      The taken nodes are never nested, so no two centroids summarise overlapping points.
-    method="kmeans": MGD3's baseline, k-means with k = ipc (k-means++ seeding, best of 3), clusters in
-    index order. ``n_init`` applies to the divisive tree's 2-means only.
-
-    Centroid = the node's mean, or with centroid="medoid" its member nearest to that mean.
-    A class with fewer than ipc distinct points gets all it has (the leaves of the fully split tree, or
-    the distinct rows for k-means), then copies of them in the same order until there are ipc rows; a
-    TooFewPointsWarning is issued and ``repeated`` is set so the caller can record it (the sampler gives
-    each copy its own noise seed). No points at all is a ValueError.
-    """
-    X = _validate_points(X)
-    ipc = _positive_int(ipc, "ipc")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if centroid not in CENTROIDS:
-        raise ValueError(f"centroid must be one of {CENTROIDS}, got {centroid!r}")
-    branching = _positive_int(branching, "branching")
-    seed = _seed(seed)
-    if start_level is not None and (isinstance(start_level, bool)
-                                    or not isinstance(start_level, (int, np.integer)) or start_level < 0):
-        raise ValueError(f"start_level must be a non-negative integer or None, got {start_level!r}")
-    if method == "kmeans":
-        result = _select_kmeans(X, ipc, seed=seed, backend=backend)
-    else:
-        result = _select_divisive(X, ipc, start_level=start_level, branching=branching, seed=seed,
-                                  n_init=n_init, backend=backend)
-    if centroid == "medoid":
-        xp = array_module(X)
-        result.centroids = xp.stack([_medoid(X, m, c) for m, c in zip(result.members, result.centroids)])
-    if result.repeated:
-        warnings.warn(f"class has only {result.n_unique} distinct point(s) for ipc={ipc}; centroids were "
-                      f"repeated to fill {ipc} rows", TooFewPointsWarning, stacklevel=3)
-    return result
-
-
-def select_ipc_centroids(X, ipc: int, *, method: str = "divisive", start_level: int | None = None,
-                         branching: int = 2, seed: int = 0, centroid: str = "mean", n_init: int | None = None,
-                         backend: str = "auto"):
-    """(ipc, D) centroids of one class by ``select_ipc_nodes`` (same arguments and rule)."""
-    return select_ipc_nodes(X, ipc, method=method, start_level=start_level, branching=branching, seed=seed,
-                            centroid=centroid, n_init=n_init, backend=backend).centroids
-
-
-def _rank_key(node: TreeNode):
-    return (-node.size, -node.sse, node.id)
-
-
-def _select_divisive(X, ipc, *, start_level, branching, seed, n_init, backend) -> IPCSelection:
-    xp = array_module(X)
-    tree = build_divisive_tree(X, min(branching * ipc, X.shape[0]), seed=seed, n_init=n_init,
-                               backend=backend)
-    leaves_below = _leaves_below(tree)
-    if tree.n_leaves < ipc:  # too few distinct points: everything there is, then copies
-        chosen = sorted(tree.leaves(), key=_rank_key)
-        picked = ["leaf"] * len(chosen)
-        level = None
-    else:
-        level = min(default_start_level(ipc) if start_level is None else int(start_level), tree.max_depth)
-        chosen, picked = [], []
-        blocked = set()  # ids of taken nodes and all their ancestors and descendants
-        spare = tree.n_leaves - ipc  # leaves that may still be merged away under coarse picks
-        for depth in range(level, -1, -1):
-            if len(chosen) == ipc:
-                break
-            candidates = [n for n in tree.nodes if n.depth == depth and n.id not in blocked
-                          and leaves_below[n.id] - 1 <= spare]
-            if not candidates:
-                continue
-            node = min(candidates, key=_rank_key)
-            chosen.append(node)
-            picked.append("level")
-            spare -= leaves_below[node.id] - 1
-            blocked.update(_subtree(tree, node.id), tree.ancestors(node.id))
-        fill = sorted((n for n in tree.leaves() if n.id not in blocked), key=_rank_key)
-        chosen += fill[: ipc - len(chosen)]
-        picked += ["leaf"] * (len(chosen) - len(picked))
-    n_unique = len(chosen)
-    rows = [i % n_unique for i in range(ipc)]
-    return IPCSelection(
-        centroids=xp.stack([chosen[r].mean for r in rows]),
-        node_ids=np.array([chosen[r].id for r in rows], dtype=np.int64),
-        levels=np.array([chosen[r].depth for r in rows], dtype=np.int64),
-        picked_by=[picked[r] if i < n_unique else "repeat" for i, r in enumerate(rows)],
-        members=[chosen[r].members for r in rows],
-        n_unique=n_unique, repeated=n_unique < ipc, method="divisive", start_level=level, tree=tree)
-
-
-def _select_kmeans(X, ipc, *, seed, backend) -> IPCSelection:
-    xp = array_module(X)
-    host = to_numpy(X)
-    _, first, inverse = np.unique(host, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    if first.size < ipc:  # distinct rows in order of first appearance, then copies
-        order = np.argsort(first, kind="stable")
-        groups = [np.flatnonzero(inverse == g) for g in order]
-        centres = [X[int(first[g])] for g in order]
-        ids = list(range(len(order)))
-    else:
-        labels, centers, _ = kmeans(X, ipc, seed=seed, backend=backend)
-        labels = to_numpy(labels)
-        groups = [np.flatnonzero(labels == j) for j in range(ipc)]
-        centres = [centers[j] for j in range(ipc)]
-        ids = list(range(ipc))
-    n_unique = len(groups)
-    rows = [i % n_unique for i in range(ipc)]
-    return IPCSelection(
-        centroids=xp.stack([centres[r] for r in rows]).astype(X.dtype),
-        node_ids=np.array([ids[r] for r in rows], dtype=np.int64),
-        levels=np.full(ipc, -1, dtype=np.int64),
-        picked_by=["kmeans" if i < n_unique else "repeat" for i in range(ipc)],
-        members=[groups[r] for r in rows],
-        n_unique=n_unique, repeated=n_unique < ipc, method="kmeans")
-
-
-def _leaves_below(tree: DivisiveTree) -> list:
-    counts = [0] * len(tree.nodes)
-    for node in reversed(tree.nodes):  # children always have larger ids than their parent
-        counts[node.id] = 1 if node.is_leaf else sum(counts[c] for c in node.children)
-    return counts
-
-
-def _subtree(tree: DivisiveTree, node_id: int) -> list:
-    out, stack = [], [node_id]
-    while stack:
-        i = stack.pop()
-        out.append(i)
-        stack.extend(tree.nodes[i].children)
-    return out
-
-
-def _medoid(X, members: np.ndarray, centre):
-    """The member row nearest to ``centre`` (ties: the lowest row index)."""
-    xp = array_module(X)
-    rows = X[members if xp is np else xp.asarray(members)]
-    d2 = ((rows - centre) ** 2).sum(axis=1)
-    return rows[int(xp.argmin(d2))]

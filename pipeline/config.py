@@ -55,7 +55,7 @@ class ModelConfig:
 class ClusterConfig:
     method: str = "divisive"    # divisive (ManifoldGD) | kmeans (MGD3)
     branching: int = 2          # the divisive tree grows to branching x IPC leaves
-    start_level: int = -1       # -1 = the default level of ops.clustering.select_ipc_nodes
+    start_level: int = -1       # -1 = the default level of ops.selection.select_ipc_nodes
     centroid: str = "mean"      # mean | medoid
     # Where stage 2 runs (ops/backend.py): numpy (CPU) | cupy (this project's 2-means on the GPU, numpy's
     # seeding: the same tree up to float rounding) | cuml (RAPIDS KMeans, its own seeding) | auto (cupy

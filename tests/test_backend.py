@@ -99,7 +99,7 @@ def test_real_environment_is_consistent():
 
 
 def test_numpy_backend_imports_nothing_optional():
-    code = ("import sys, numpy as np; from ops.backend import resolve_backend; from ops.clustering import "
+    code = ("import sys, numpy as np; from ops.backend import resolve_backend; from ops.selection import "
             "select_ipc_nodes; be = resolve_backend('numpy'); select_ipc_nodes(be.asarray(np.eye(6)), 2, "
             "backend=be.name); print(sorted(m for m in ('cupy', 'cuml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -16,15 +16,9 @@ from sklearn.datasets import load_digits, make_blobs
 from threadpoolctl import threadpool_limits
 
 from ops.backend import cupy_available
-from ops.clustering import (
-    TooFewPointsWarning,
-    build_divisive_tree,
-    default_start_level,
-    divisive_kmeans,
-    select_ipc_centroids,
-    select_ipc_nodes,
-)
+from ops.clustering import TooFewPointsWarning, build_divisive_tree, divisive_kmeans
 from ops.kmeans import choose_backend
+from ops.selection import default_start_level, select_ipc_centroids, select_ipc_nodes
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -322,7 +316,7 @@ def test_bad_input_names_the_argument(call, name):
 
 def test_host_data_uses_numpy_and_nothing_optional_is_imported():
     assert choose_backend(GOOD) == "numpy"
-    code = ("import sys, numpy as np, ops.clustering as c; c.select_ipc_centroids(np.eye(6, dtype='f4'), 2);"
+    code = ("import sys, numpy as np, ops.selection as c; c.select_ipc_centroids(np.eye(6, dtype='f4'), 2);"
             "print(sorted(m for m in ('cupy', 'cuml') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -8,8 +8,9 @@ import pytest
 from sklearn.datasets import make_blobs
 
 from ops.backend import cuml_available, cupy_available, resolve_backend, to_numpy
-from ops.clustering import build_divisive_tree, divisive_kmeans, select_ipc_nodes
+from ops.clustering import build_divisive_tree, divisive_kmeans
 from ops.kmeans import kmeans
+from ops.selection import select_ipc_nodes
 
 needs_cupy = pytest.mark.skipif(not cupy_available(), reason="needs CuPy with a CUDA device")
 needs_cuml = pytest.mark.skipif(not cuml_available(), reason="needs cuML (RAPIDS) with a CUDA device")

@@ -18,7 +18,7 @@ import ray
 
 from ops.backend import array_module, resolve_backend, to_numpy
 from ops.bases import pad_basis
-from ops.clustering import select_ipc_nodes
+from ops.selection import select_ipc_nodes
 from ops.tangent import (
     annealed_bases,
     default_radius,
