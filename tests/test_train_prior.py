@@ -394,3 +394,28 @@ def test_shared_loop_resumed_from_a_checkpoint_gives_the_same_bytes(monkeypatch)
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
     assert torch.equal(resumed_average, whole_average)
     assert summary["toy_steps"] == 6 and len(run.history) == 3
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_worker_cpu_request_fits_the_largest_node():
+    """Two 2-CPU nodes and one worker: the old share (cluster CPUs // workers = 4) fits no node and the run
+    waited forever; the request is capped at the largest node's CPUs and its placement group is ready."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        assert ray.cluster_resources()["CPU"] == 4
+        assert tp.cpus_per_worker(1) == 2 and tp.cpus_per_worker(2) == 2 and tp.cpus_per_worker(4) == 1
+        pg = placement_group([{"CPU": tp.cpus_per_worker(1)}])
+        assert ray.get(pg.ready(), timeout=60)
+        remove_placement_group(pg)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -150,6 +150,14 @@ def train_loop_per_worker(config: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------- driver
+def cpus_per_worker(workers: int) -> int:
+    """CPUs per Ray Train worker: an even share of the cluster's CPUs, but never more than the largest
+    node has (a worker runs on one node: asking two 8-CPU nodes for one 16-CPU worker never schedules)."""
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    largest = int(max(nodes, default=1))
+    return max(1, min(largest, int(ray.cluster_resources().get("CPU", 1)) // workers))
+
+
 def train_prior(cfg: PriorTrainConfig) -> dict:
     """Run both stages through Ray Train and write ``cfg.out``/{vae, transformer, training.json, class_map.txt}."""
     if not cfg.out:
@@ -160,13 +168,13 @@ def train_prior(cfg: PriorTrainConfig) -> dict:
         keep = subset_indices(len(pixels), cfg.subset, cfg.seed)
         pixels, labels = pixels[keep], labels[keep]
     log(f"{cfg.data}: {len(pixels)} images at {cfg.image_size} px, {len(class_names)} classes "
-          f"({time.perf_counter() - t0:.1f} s)")
+        f"({time.perf_counter() - t0:.1f} s)")
 
     init_ray(cfg.address)
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
     use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, gpus >= cfg.workers)
-    cpus = cfg.cpus_per_worker or max(1, int(resources.get("CPU", 1)) // cfg.workers)
+    cpus = cfg.cpus_per_worker or cpus_per_worker(cfg.workers)
     scaling = ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})})
     out = Path(cfg.out).expanduser().resolve()
@@ -257,7 +265,8 @@ def register(subparsers) -> None:
     g = p.add_argument_group("Ray Train")
     g.add_argument("--workers", type=int, default=d.workers)
     g.add_argument("--address", default="", help="Ray cluster address (default: $RAY_ADDRESS, else a new local one)")
-    g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker, help="0: cluster CPUs / workers")
+    g.add_argument("--cpus-per-worker", type=int, default=d.cpus_per_worker,
+                   help="0: cluster CPUs / workers, at most the largest node's")
     g.add_argument("--torch-threads", type=int, default=d.torch_threads,
                    help="torch threads per CPU worker (0: its CPUs; 1 is faster on a machine busy with other work)")
     g.add_argument("--use-gpu", choices=("auto", "yes", "no"), default=d.use_gpu)
