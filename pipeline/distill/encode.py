@@ -136,7 +136,7 @@ def input_dataset(listing):
         return ds.map_batches(functools.partial(_label_from_path, base=str(base), labels=listing.labels),
                               batch_format="numpy")
     if listing.kind == "parquet":
-        ds = ray.data.read_parquet(listing.root, columns=["image", "label"])
+        ds = ray.data.read_parquet(listing.parquet_paths, columns=["image", "label"])
         return ds.map_batches(functools.partial(_label_from_parquet, labels=listing.labels,
                                                 name=Path(listing.root).name), batch_format="numpy")
 
@@ -164,6 +164,10 @@ def _label_from_parquet(batch, *, labels: dict, name: str):
             "label": np.asarray([labels[c] for c in classes], dtype=np.int64), "bytes": batch["image"]}
 
 
+def _same_rows(group):
+    return group
+
+
 def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -> dict:
     if (out.latents / "_DONE").exists():
         log("encode: latents found, skipping")
@@ -182,6 +186,10 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
                         num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5)
     tmp = out.work / "latents.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    if listing.kind == "parquet":
+        # Parquet rows come in any class order: gather each class before writing, so a class is one file
+        # (not one per input block, ~1e6 tiny files at ImageNet size) and stage 2 opens one file per class.
+        ds = ds.groupby("class_name").map_groups(_same_rows, batch_format="pyarrow")
     ds.write_parquet(str(tmp), partition_cols=["class_name"])
     (tmp / "_DONE").write_text("ok\n")
     shutil.rmtree(out.latents, ignore_errors=True)

@@ -6,12 +6,14 @@ reason; files that fail to decode are caught later, in the decode stage. Both en
 """
 from __future__ import annotations
 
+import glob
 import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, DataConfig
@@ -34,6 +36,11 @@ class Listing:
     @property
     def num_items(self) -> int:
         return len(self.files) if self.kind == "imagefolder" else self.num_rows
+
+    @property
+    def parquet_paths(self) -> list[str]:
+        """parquet: the input files (``files`` holds (file, "") rows)."""
+        return [f for f, _ in self.files] if self.kind == "parquet" else []
 
     def empty_classes(self) -> list[str]:
         if self.kind != "imagefolder":
@@ -130,17 +137,30 @@ def list_imagefolder(root: Path, split: str, class_map: str = "", subset: str = 
     return listing
 
 
-def list_parquet(path: Path) -> Listing:
-    schema = pq.read_schema(path)
-    if "image" not in schema.names or "label" not in schema.names:
-        raise ConfigError("data.path", f"{path} needs columns 'image' (bytes) and 'label'; has {schema.names}")
-    labels = pq.read_table(path, columns=["label"]).column("label").to_pylist()
+def parquet_files(spec: str) -> list[str]:
+    """The parquet files of ``spec``: one file, a folder (every ``*.parquet`` below it) or a glob pattern."""
+    if any(ch in spec for ch in "*?["):
+        return sorted(str(Path(p)) for p in glob.glob(os.path.expanduser(spec), recursive=True)
+                      if p.endswith(".parquet"))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*.parquet") if not p.name.startswith("."))
+    return [str(path)] if path.is_file() and path.suffix == ".parquet" else []
+
+
+def list_parquet(spec: str, files: list[str]) -> Listing:
+    """Rows (image bytes, label) of one or many parquet files; labels from the column."""
+    for f in files:
+        schema = pq.read_schema(f)
+        if "image" not in schema.names or "label" not in schema.names:
+            raise ConfigError("data.path", f"{f} needs columns 'image' (bytes) and 'label'; has {schema.names}")
+    labels = pds.dataset(files, format="parquet").to_table(columns=["label"]).column("label").to_pylist()
     classes = sorted({str(v) for v in labels}, key=lambda c: (len(c), c) if c.isdigit() else (0, c))
     if all(isinstance(v, int) for v in labels):
         mapping = {str(v): int(v) for v in set(labels)}
     else:
         mapping = label_ids(classes)
-    return Listing("parquet", str(path), classes, mapping, num_rows=len(labels))
+    return Listing("parquet", spec, classes, mapping, files=[(f, "") for f in files], num_rows=len(labels))
 
 
 def list_builtin(name: str) -> Listing:
@@ -153,16 +173,22 @@ def builtin_names() -> tuple[str, ...]:
     return tuple(datasets.builtin_names())
 
 
+def _has_image_folders(path: Path) -> bool:
+    """A folder of class sub-folders (ImageFolder) rather than a folder of parquet files."""
+    return any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir())
+
+
 def list_source(data: DataConfig) -> Listing:
     """List a dataset; raise ConfigError('data.path', ...) when it is missing or malformed."""
     if data.path in builtin_names():
         return list_builtin(data.path)
     path = Path(data.path).expanduser()
+    files = parquet_files(data.path)
+    if files and (path.is_file() or not path.exists() or not _has_image_folders(path)):
+        return list_parquet(data.path, files)
     if not path.exists():
         known = ", ".join(builtin_names()) or "none"
         raise ConfigError("data.path", f"{data.path} does not exist (and is not a built-in dataset: {known})")
     if path.is_file():
-        if path.suffix != ".parquet":
-            raise ConfigError("data.path", f"{path} is a file but not a .parquet")
-        return list_parquet(path)
+        raise ConfigError("data.path", f"{path} is a file but not a .parquet")
     return list_imagefolder(path, data.split, data.class_map, data.classes)
