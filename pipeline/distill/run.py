@@ -95,9 +95,19 @@ def resolve_distill_config(*, data: str | None = None, out: str | None = None, i
         if tuned:
             cfg = build_config(tuned, from_file, flags, settings)
         cfg.model.model = f"builtin:{cfg.data.path}"
-        if not any("vae" in layer.get("model", {}) for layer in (from_file, flags, settings)):
-            cfg.model.vae = ""
+    vae_given = any("vae" in layer.get("model", {}) for layer in (from_file, flags, settings))
+    if not vae_given and brings_own_vae(cfg.model.model):
+        cfg.model.vae = ""  # a built-in prior or a model folder with a vae/ uses its own VAE
     return cfg
+
+
+def brings_own_vae(ref: str) -> bool:
+    """A built-in prior, or a local model folder holding ``vae/config.json`` (hub ids keep model.vae)."""
+    try:
+        folder = Path(resolve(ref))
+    except ConfigError:
+        return False
+    return (folder.expanduser() / "vae" / "config.json").is_file()
 
 
 def prior_defaults(name: str, guidance: str) -> dict:

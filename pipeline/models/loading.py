@@ -8,12 +8,16 @@ the configs; nothing assumes 256 px.
 """
 from __future__ import annotations
 
+import functools
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
+from huggingface_hub import constants as hf_constants
 
 DEFAULT_MODEL = "facebook/DiT-XL-2-256"
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
@@ -61,9 +65,31 @@ def _describe(ref: str, subfolder: str | None, revision: str | None) -> str:
         return f"local folder {Path(ref).expanduser()} ({where})"
     if looks_like_path(ref):
         return f"local folder {Path(ref).expanduser()} (does not exist)"
-    offline = " with HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else ""
+    offline = " with HF_HUB_OFFLINE=1" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") else (
+        " (hub unreachable: local cache only)" if hub_unreachable() else "")
     rev = f", revision {revision}" if revision else ""
     return f"hub id '{ref}' ({where}{rev}){offline}, cache HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}"
+
+
+@functools.cache
+def hub_unreachable() -> bool:
+    """True when the hub cannot be used now: HF_HUB_OFFLINE is set, or its endpoint does not accept a TCP
+    connection within 3 s. Then hub ids are looked up in the local cache only (``local_files_only``), so a
+    missing model fails at once with the staging help instead of after ~30 s of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    url = urlparse(hf_constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return True
+    return False
+
+
+def hub_kwargs(ref: str) -> dict:
+    """Extra from_pretrained / load_config arguments for ``ref``: cache-only for a hub id while the hub is
+    unreachable; nothing for a local folder."""
+    return {"local_files_only": True} if not Path(ref).expanduser().is_dir() and hub_unreachable() else {}
 
 
 def load_part(cls, ref: str, subfolder: str | None, *, dtype, revision):
@@ -83,6 +109,7 @@ def load_part(cls, ref: str, subfolder: str | None, *, dtype, revision):
         kwargs["use_safetensors"] = False
     if revision is not None and not path.is_dir():
         kwargs["revision"] = revision
+    kwargs.update(hub_kwargs(ref))
     try:
         return cls.from_pretrained(source, **kwargs), None
     # A loader boundary: whatever diffusers / huggingface_hub raise (OSError, HTTP, value errors),

@@ -15,7 +15,7 @@ import torch
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from pipeline.common.errors import ConfigError
-from pipeline.models.loading import PriorLoadError, load_part, load_prior, staging_help
+from pipeline.models.loading import PriorLoadError, hub_kwargs, load_part, load_prior, staging_help
 
 BUILTIN = "builtin:"
 
@@ -67,10 +67,11 @@ def prior_info(model) -> tuple[int, int]:
     vref, vsub = vae_source(model)
     try:
         tconf = DiTTransformer2DModel.load_config(ref, subfolder="transformer",
-                                                  revision=model.revision or None)
-        vconf = AutoencoderKL.load_config(vref, subfolder=vsub, revision=model.revision or None)
+                                                  revision=model.revision or None, **hub_kwargs(ref))
+        vconf = AutoencoderKL.load_config(vref, subfolder=vsub, revision=model.revision or None, **hub_kwargs(vref))
     except Exception as exc:
-        raise PriorLoadError(f"could not read the model configs of {ref} / {vref}: "
+        where = " (hub unreachable: looked in the local cache only)" if hub_kwargs(ref) or hub_kwargs(vref) else ""
+        raise PriorLoadError(f"could not read the model configs of {ref} / {vref}{where}: "
                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}\n"
                              + staging_help(ref, model.vae or None)) from None
     sample = tconf["sample_size"]
