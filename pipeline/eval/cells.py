@@ -18,7 +18,7 @@ from pipeline.eval.evaluate import summarise
 from pipeline.eval.methods import LADDER, MAIN, METHODS, Method
 from pipeline.eval.stats import mean_std
 
-SET_METRICS = ("fid", "mean_l2", "mmd2")
+SET_METRICS = ("fid", "mean_l2", "mmd2", "mmd_paper")
 
 
 # ------------------------------------------------------------------------------------- paths and keys

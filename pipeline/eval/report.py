@@ -69,9 +69,11 @@ def markdown(results: dict) -> str:
     by = _rows(results, first)
     if any(r["metrics"]["fid"]["n"] for r in rows):
         lines += [f"### Distribution metrics vs the real test images (features: {results.get('features')})", "",
-                  "FID-style Frechet distance / l2 of mean embeddings / MMD^2 (RBF, median bandwidth), mean +- std "
-                  "over seeds; lower is closer. Small sets (IPC 1: 10 images) make FID strongly biased upward.", ""]
-        lines += ["| method | " + " | ".join(f"IPC {i}: FID / l2 / MMD^2" for i in ipcs) + " |",
+                  "FID-style Frechet distance / l2 of mean embeddings / MMD^2 (this project's: biased, RBF with "
+                  "2h^2 = 2 x median squared distance) / MMD (the papers': square root of the unbiased MMD^2, "
+                  "gamma = 1 / median squared distance), mean +- std over seeds; lower is closer. The two MMDs are "
+                  "not comparable with each other. Small sets (IPC 1: 10 images) make FID strongly biased upward.", ""]
+        lines += ["| method | " + " | ".join(f"IPC {i}: FID / l2 / MMD^2 (ours) / MMD (paper)" for i in ipcs) + " |",
                   "| --- |" + " --- |" * len(ipcs)]
         names = _order(results)
         for m in names:
@@ -82,7 +84,8 @@ def markdown(results: dict) -> str:
                     cells.append("-")
                     continue
                 mt = r["metrics"]
-                cells.append(f"{_cell(mt['fid'], 2)} / {_cell(mt['mean_l2'], 2)} / {_cell(mt['mmd2'], 4)}")
+                cells.append(f"{_cell(mt['fid'], 2)} / {_cell(mt['mean_l2'], 2)} / {_cell(mt['mmd2'], 4)} / "
+                             f"{_cell(mt.get('mmd_paper'), 4)}")
             lines.append(f"| {by_label(results, m)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines) + "\n"
