@@ -96,15 +96,20 @@ class QualityReport:
         return self.fraction_correct >= minimum
 
 
+def real_images(dataset: str, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A built-in split through the encode stage's preprocessing (RGB, DiT centre crop to ``size``)."""
+    images, labels, names = load_builtin(dataset, split)
+    return crop_images(images, size), labels, names
+
+
 def measure_prior_quality(prior_dir: str, dataset: str = "mnist10k", *, n_per_class: int = 50,
                           cfg_scale: float = 4.0, num_steps: int = 50, seed: int = 0,
                           classifier_epochs: int = 4, samples_out: str = "", copies: bool = True) -> QualityReport:
     prior = load_prior(prior_dir, None)
     size = prior.image_size
     t0 = time.perf_counter()
-    train_x, train_y, names = load_builtin(dataset, "train")
-    test_x, test_y, _ = load_builtin(dataset, "test")
-    train_x, test_x = crop_images(train_x, size), crop_images(test_x, size)
+    train_x, train_y, names = real_images(dataset, "train", size)
+    test_x, test_y, _ = real_images(dataset, "test", size)
     if prior.num_classes != len(names):
         raise SystemExit(f"the prior has {prior.num_classes} classes, {dataset} has {len(names)}")
     clf = train_classifier(train_x, train_y, len(names), epochs=classifier_epochs, seed=seed)
