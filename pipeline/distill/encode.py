@@ -130,10 +130,12 @@ def pool_size(requested: int, use_gpu: bool) -> tuple[int, int]:
 def input_dataset(listing):
     """A Ray dataset of rows (id, class_name, label, bytes) with a real read stage."""
     if listing.kind == "imagefolder":
-        base = Path(listing.root)
-        paths = [str(base / rel) for rel, _ in listing.files]
+        root = listing.root.rstrip("/")
+        paths = [f"{root}/{rel}" for rel, _ in listing.files]
+        # Ray Data reports a remote object's path without its scheme (bucket/prefix/...): so is the base
+        base = "/" + root.split("://", 1)[1] if "://" in root else root
         ds = ray.data.read_binary_files(paths, include_paths=True)
-        return ds.map_batches(functools.partial(_label_from_path, base=str(base), labels=listing.labels),
+        return ds.map_batches(functools.partial(_label_from_path, base=base, labels=listing.labels),
                               batch_format="numpy")
     if listing.kind == "parquet":
         ds = ray.data.read_parquet(listing.parquet_paths, columns=["image", "label"])

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 import pyarrow.dataset as pds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.config import ConfigError, DataConfig
@@ -137,6 +138,52 @@ def list_imagefolder(root: Path, split: str, class_map: str = "", subset: str = 
     return listing
 
 
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(REMOTE_SCHEMES)
+
+
+def list_remote_imagefolder(uri: str, split: str, class_map: str = "", subset: str = "") -> Listing:
+    """An ImageFolder in object storage (``s3://bucket/prefix``, ``gs://...``), listed through pyarrow's
+    filesystems (credentials and endpoint as pyarrow and Ray Data read them: AWS_* variables, e.g.
+    AWS_ENDPOINT_URL for an S3-compatible store). Same layout, labels and rejection rules as a local one;
+    ``root`` stays the URI, and files are (path relative to it, class)."""
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri.rstrip("/"))
+        if fs.get_file_info(f"{path}/{split}").type == pafs.FileType.Directory:
+            uri, path = f"{uri.rstrip('/')}/{split}", f"{path}/{split}"
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except (OSError, ValueError) as exc:
+        raise ConfigError("data.path", f"cannot list {uri}: {exc}") from None
+    files = sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
+    classes = sorted({f.split("/", 1)[0] for f in files if "/" in f and not f.startswith(".")})
+    if subset:
+        wanted = class_subset(subset)
+        missing = sorted(set(wanted) - set(classes))
+        if missing:
+            raise ConfigError("data.classes", f"{len(missing)} listed classes are not in {uri}: {missing[:3]}")
+        classes = sorted(wanted)
+    if not classes:
+        raise ConfigError("data.path", f"{uri} holds no class folders (expected <class>/<image> objects)")
+    listing = Listing("imagefolder", uri.rstrip("/"), classes, label_ids(classes, class_map))
+    keep = set(classes)
+    for rel in files:
+        cls = rel.split("/", 1)[0]
+        if cls not in keep or "/" not in rel:
+            continue
+        name = rel.rsplit("/", 1)[-1]
+        suffix = Path(name).suffix.lower()
+        if name.startswith("."):
+            listing.rejected.append((rel, "hidden file"))
+        elif suffix not in IMAGE_EXTENSIONS:
+            listing.rejected.append((rel, f"not an image file extension ({suffix or 'none'})"))
+        else:
+            listing.files.append((rel, cls))
+    return listing
+
+
 def parquet_files(spec: str) -> list[str]:
     """The parquet files of ``spec``: one file, a folder (every ``*.parquet`` below it) or a glob pattern."""
     if any(ch in spec for ch in "*?["):
@@ -182,6 +229,8 @@ def list_source(data: DataConfig) -> Listing:
     """List a dataset; raise ConfigError('data.path', ...) when it is missing or malformed."""
     if data.path in builtin_names():
         return list_builtin(data.path)
+    if is_remote(data.path):
+        return list_remote_imagefolder(data.path, data.split, data.class_map, data.classes)
     path = Path(data.path).expanduser()
     files = parquet_files(data.path)
     if files and (path.is_file() or not path.exists() or not _has_image_folders(path)):
