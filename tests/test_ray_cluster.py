@@ -30,7 +30,8 @@ def _free_port() -> int:
 def _distill_args(data, out, prior):
     return ["distill", "--data", str(data), "--out", str(out), "--ipc", "2", "--model", str(prior), "--vae", "",
             "--set", "sampler.num_steps=6", "--set", "sampler.t_stop=2", "--set", "tangent.neighbours=3",
-            "--set", "tangent.dim=2", "--set", "runtime.progress=false"]
+            "--set", "tangent.dim=2", "--set", "runtime.progress=false",
+            "--set", "sampler.max_batch=3"]  # several units (some straddle classes), so several nodes
 
 
 def _tree(out: Path) -> dict:

@@ -3,6 +3,8 @@ stage driver's rerun / resume at unit granularity."""
 from __future__ import annotations
 
 import io
+import os
+import time
 
 import numpy as np
 import pytest
@@ -174,3 +176,36 @@ def test_units_reproduce_their_bytes_on_rerun_and_resume(tmp_path, prior6, ray_s
     # and a rerun of a complete folder runs nothing
     assert sample_stage(cfg, classes, labels, out)["units"] == []
     assert _tree(out) == first
+
+
+def test_units_start_while_later_plans_are_still_running(tmp_path, prior6, ray_session):
+    """Stage 2/3 overlap: a unit runs as soon as its classes' plans exist, not after the last plan."""
+    import ray
+
+    classes = list("abc")
+    labels = {c: i for i, c in enumerate(classes)}
+    cfg, out = _stage_setup(tmp_path, prior6, classes, ipc=2, max_batch=2)  # units: a | b | c
+    cfg.runtime.sample_actors = 1
+
+    units = make_units(classes, labels, 2, 2)
+    first_two = [str(unit_part(out, u.uid)) for u in units[:2]]
+
+    @ray.remote(num_cpus=0)
+    def plan_task(c, wait_for):
+        """c's plan "finishes" only once the units of a and b are written (at most 300 s): with a barrier
+        between the stages they would never start first, and the test fails on the order below."""
+        deadline = time.time() + 300
+        while wait_for and time.time() < deadline and not all(os.path.exists(p) for p in wait_for):
+            time.sleep(0.1)
+        return {"class_name": c, "n_images": 8, "skipped": False, "repeated": False, "warnings": [],
+                "finished_at": time.time()}
+
+    plans = {plan_task.remote(c, first_two if c == "c" else []): c for c in classes}
+    res = sample_stage(cfg, classes, labels, out, plans=plans)
+    c_planned = next(p["finished_at"] for p in res["plans"] if p["class_name"] == "c")
+    early = [r["ended_at"] for r in res["units"] if r["classes"] != ["c"]]
+    assert len(early) == 2 and max(early) < c_planned
+    t = res["timings"]
+    assert t["plan_sample_overlap"] > 0
+    assert t["plan"] + t["sample"] - t["plan_sample_overlap"] <= t["plan_and_sample"] + 1e-6
+    assert all(out.is_class_done(c) for c in classes)

@@ -141,8 +141,9 @@ def finalize_class(out: OutputDir, class_name: str, uids: list[str], ipc: int) -
 # ---------------------------------------------------------------------------------- the actor
 class _Faults:
     """Test-only fault injection, from ``$MANIFOLDGD_TEST_FAULTS`` on the driver (JSON):
-    ``{"dir": marker folder, "raise_once_per_class": true, "exit_units": [unit index, ...],
-    "delay_s": seconds per unit}``. Markers in ``dir`` make "once" hold across actor restarts."""
+    ``{"dir": marker folder, "raise_once_per_class": true, "raise_always": true,
+    "exit_units": [unit index, ...], "delay_s": seconds per unit}``. Markers in ``dir`` make "once" hold
+    across actor restarts; ``exit_units`` ends the actor's process (os._exit) on a unit's first try."""
 
     def __init__(self, spec: dict | None):
         self.spec = spec or {}
@@ -166,6 +167,8 @@ class _Faults:
             fresh = [c for c in dict.fromkeys(r[0] for r in unit["rows"]) if self._first(f"raise-{c}")]
             if fresh:
                 raise RuntimeError(f"injected fault (test) for class(es) {', '.join(fresh)}")
+        if self.spec.get("raise_always"):
+            raise ValueError("injected fault (test), every time")
 
 
 class ClassSampler:
@@ -247,7 +250,9 @@ class ClassSampler:
                 table[col].append(value)
         atomic_write_table(unit_part(out, unit["uid"]), pa.table(table))
         return {"uid": unit["uid"], "images": len(rows), "classes": list(dict.fromkeys(r[0] for r in rows)),
-                "seconds": time.perf_counter() - start, "node_id": self.node_id()}
+                "seconds": time.perf_counter() - start, "ended_at": time.time(), "node_id": self.node_id(),
+                "device": self.device,
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []}
 
     def run_class(self, class_name: str, label: int) -> dict:
         """One whole class in one call, then its manifest part and ``_SUCCESS`` (in-process use, benches)."""
