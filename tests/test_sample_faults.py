@@ -121,23 +121,28 @@ def test_a_node_lost_and_a_node_added_mid_run_is_used(tmp_path, monkeypatch):
     lost = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
-    added = {}
+    result: dict = {}
 
-    def churn():
-        deadline = time.time() + 300
-        while time.time() < deadline and not list((out.work / "units").glob("*.parquet")):
-            time.sleep(0.05)
-        cluster.remove_node(lost)
-        added["node"] = cluster.add_node(num_cpus=1)
+    def drive():  # the run in a thread: cluster_utils adds nodes from the main thread only
+        try:
+            result["res"] = sample_stage(cfg, classes, labels, out)
+        except BaseException as exc:  # reported below
+            result["error"] = exc
 
-    thread = threading.Thread(target=churn, daemon=True)
+    thread = threading.Thread(target=drive, daemon=True)
     thread.start()
     try:
-        res = sample_stage(cfg, classes, labels, out)
+        deadline = time.time() + 300
+        while thread.is_alive() and time.time() < deadline and not list((out.work / "units").glob("*.parquet")):
+            time.sleep(0.05)
+        cluster.remove_node(lost)
+        added = cluster.add_node(num_cpus=1)
+        thread.join(timeout=600)
     finally:
-        thread.join(timeout=60)
         ray.shutdown()
         cluster.shutdown()
+    assert "error" not in result, result.get("error")
+    res = result["res"]
     used = {r["node_id"] for r in res["units"]}
-    assert added["node"].node_id in used, (used, added["node"].node_id)
+    assert added.node_id in used, (used, added.node_id)
     assert _tree(out) == expected

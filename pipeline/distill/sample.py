@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 import torch
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
@@ -283,6 +283,7 @@ class _Pool:
                                                      max_task_retries=0, **options)
         self.args = (cfg.to_dict(), threads, cfg.config_hash(), device, faults)
         self.starting: dict = {}  # ready() ref -> actor
+        self.deferred: list = []  # (monotonic time, actor): restarting actors to ask again after a pause
         self.idle: list = []
         self.busy: dict = {}  # run_unit ref -> (actor, unit, started)
         self.timed_out: set = set()  # run_unit refs whose actor was killed for running over the timeout
@@ -291,7 +292,13 @@ class _Pool:
         self.nodes: set[str] = set()
 
     def size(self) -> int:
-        return len(self.starting) + len(self.idle) + len(self.busy)
+        return len(self.starting) + len(self.deferred) + len(self.idle) + len(self.busy)
+
+    def ask_again(self) -> None:
+        now = time.monotonic()
+        for item in [d for d in self.deferred if d[0] <= now]:
+            self.deferred.remove(item)
+            self.restart(item[1])
 
     def grow(self, target: int) -> None:
         while self.size() < target:
@@ -306,9 +313,10 @@ class _Pool:
         return [*self.starting, *self.busy]
 
     def kill_all(self) -> None:
-        for actor in [*self.starting.values(), *self.idle, *(a for a, _, _ in self.busy.values())]:
+        for actor in [*self.starting.values(), *(a for _, a in self.deferred), *self.idle,
+                      *(a for a, _, _ in self.busy.values())]:
             ray.kill(actor)
-        self.starting.clear(), self.idle.clear(), self.busy.clear()
+        self.starting.clear(), self.deferred.clear(), self.idle.clear(), self.busy.clear()
 
 
 def _cause(exc: BaseException) -> str:
@@ -373,6 +381,7 @@ def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: Outp
                     t_sample_start = time.perf_counter()
                 pool.grow(limit)
             if pool:
+                pool.ask_again()
                 _dispatch(pool, queue, planned)
                 _check_timeouts(pool, rt.unit_timeout_s)
             refs = list(plans) + (pool.refs() if pool else [])
@@ -451,6 +460,9 @@ def _on_ready(pool: _Pool, ref, max_attempts: int, target: int) -> None:
     actor = pool.starting.pop(ref)
     try:
         pool.nodes.add(ray.get(ref, timeout=POLL_S))
+    except ActorUnavailableError:  # Ray is restarting it (its process or node died): ask again shortly
+        pool.deferred.append((time.monotonic() + POLL_S, actor))
+        return
     except (RayActorError, RayTaskError, GetTimeoutError) as exc:
         # Died for good (restarts used up, killed, its constructor failed): replace it (grow, next loop).
         pool.start_failures += 1
