@@ -12,8 +12,9 @@ different cut can never be mistaken for it.
 Who writes what, in order (every file written atomically: temp file + rename):
   1. the actor running a unit writes the unit's PNGs, then ``_work/units/<unit id>.parquet`` (its manifest
      rows): a unit is done when that file exists and every PNG it lists exists;
-  2. the driver, once every unit covering a class is done, writes the class's manifest part from those
-     unit files, then ``train/<class>/_SUCCESS``. Only the driver writes these, and writing them twice
+  2. the driver, once every unit covering a class is done, removes temp files that a killed writer left
+     in the class folder, writes the class's manifest part from those unit files, then
+     ``train/<class>/_SUCCESS``. Only the driver writes these, and writing them twice
      writes the same bytes, so a crash between any two writes is repaired by the next run.
 
 Faults. Actors are created with ``max_restarts`` (Ray restarts one whose process or node died) and no
@@ -134,6 +135,10 @@ def finalize_class(out: OutputDir, class_name: str, uids: list[str], ipc: int) -
     if rows.column("k").to_pylist() != list(range(ipc)):
         raise RuntimeError(f"class {class_name}: unit files {uids} hold samples {rows.column('k').to_pylist()}, "
                            f"not 0..{ipc - 1}")
+    # Temp files of a writer killed mid-write (its node lost: no chance to clean up). Every unit of the
+    # class is done, so no live writer of this folder is left.
+    for tmp in out.class_dir(class_name).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
     atomic_write_table(out.manifest_part(class_name), rows)
     atomic_write_bytes(out.class_dir(class_name) / SUCCESS, b"")
 
