@@ -92,14 +92,30 @@ class SamplerSection:
     # Samples per model call (CFG doubles it). Hashed: BLAS picks kernels by batch size, so another
     # max_batch can move a pixel by one grey level; a rerun must use the same value to resume bytes.
     max_batch: int = 64
+    # How samples are cut into sampling calls (work units). cross_class: classes in label order, their
+    # (class, k) samples concatenated and cut into chunks of max_batch, so IPC 1 and 10 still fill a batch;
+    # per_class: each class's samples chunked on their own (the layout before cross-class units). Hashed:
+    # the batch a sample shares can move a pixel by one grey level.
+    units: str = "cross_class"
 
 
 @dataclass
 class RuntimeConfig:
     encode_batch_size: int = 64
     encode_actors: int = 0      # 0 = sized from the cluster's free resources
-    sample_actors: int = 0      # 0 = one per GPU, or a share of the CPUs
+    sample_actors: int = 0      # 0 = one per GPU (per gpus_per_sample_actor), or one per CPU
     progress: bool = True
+    device: str = "auto"        # auto: GPUs when the cluster has one now | cuda: always ask for GPUs (an
+                                # autoscaler then adds GPU nodes) | cpu: never ask for GPUs
+    gpus_per_sample_actor: float = 1.0  # with GPUs; a fraction packs several sampling actors on one GPU
+    gpus_per_plan_task: float = 0.25   # with GPUs: a stage-2 task's share of one, so cluster.backend auto
+                                       # (or cupy / cuml) finds a device; 0 keeps stage 2 on CPU-only workers
+    max_unit_attempts: int = 3  # tries of one sampling unit (any error, a lost actor or node) before failing
+    unit_timeout_s: float = 0.0  # > 0: a unit running longer is abandoned (its actor restarted) and retried
+
+    def use_gpu(self, cluster_gpus: float) -> bool:
+        """Whether stages ask Ray for GPUs, given the GPUs the cluster has now."""
+        return self.device == "cuda" or (self.device == "auto" and cluster_gpus > 0)
 
 
 @dataclass
@@ -268,6 +284,7 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
     _choice("sampler.sampler", s.sampler, ("ddpm", "ddim"))
     _choice("sampler.cfg_channels", s.cfg_channels, ("dit", "all"))
     _choice("sampler.guidance", s.guidance, ("none", "mode", "manifold"))
+    _choice("sampler.units", s.units, ("cross_class", "per_class"))
     if s.num_steps <= 0 or s.num_steps > s.train_steps:
         raise ConfigError("sampler.num_steps", f"must be in [1, train_steps={s.train_steps}], got {s.num_steps}")
     if not 0 <= s.t_stop <= s.num_steps:
@@ -285,6 +302,18 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
     for name in ("encode_actors", "sample_actors"):
         if getattr(r, name) < 0:
             raise ConfigError(f"runtime.{name}", f"must be >= 0, got {getattr(r, name)}")
+    _choice("runtime.device", r.device, ("auto", "cuda", "cpu"))
+    if not r.gpus_per_sample_actor > 0:
+        raise ConfigError("runtime.gpus_per_sample_actor", f"must be > 0, got {r.gpus_per_sample_actor}")
+    if r.gpus_per_sample_actor > 1 and r.gpus_per_sample_actor != int(r.gpus_per_sample_actor):
+        raise ConfigError("runtime.gpus_per_sample_actor",
+                          f"must be a fraction <= 1 or a whole number, got {r.gpus_per_sample_actor}")
+    if not 0 <= r.gpus_per_plan_task <= 1:
+        raise ConfigError("runtime.gpus_per_plan_task", f"must be in [0, 1], got {r.gpus_per_plan_task}")
+    if r.max_unit_attempts < 1:
+        raise ConfigError("runtime.max_unit_attempts", f"must be >= 1, got {r.max_unit_attempts}")
+    if r.unit_timeout_s < 0:
+        raise ConfigError("runtime.unit_timeout_s", f"must be >= 0, got {r.unit_timeout_s}")
     return absolute_paths(cfg)
 
 

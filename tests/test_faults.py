@@ -18,7 +18,7 @@ from pipeline.cli import main
 def _args(data, out, prior, steps=3):
     return ["distill", "--data", str(data), "--out", str(out), "--ipc", "2", "--model", str(prior), "--vae", "",
             "--set", f"sampler.num_steps={steps}", "--set", "sampler.t_stop=1", "--set", "tangent.neighbours=3",
-            "--set", "tangent.dim=1"]
+            "--set", "tangent.dim=1", "--set", "sampler.max_batch=3"]  # 3 units, 2 straddling classes
 
 
 def _tree(out: Path) -> dict:

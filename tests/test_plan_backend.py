@@ -65,3 +65,16 @@ def test_plan_class_on_cupy_matches_numpy():
     np.testing.assert_array_equal(host["step_index"], dev["step_index"])
     for a, b in zip(host["bases"], dev["bases"]):
         np.testing.assert_allclose(a @ a.T, b @ b.T, atol=1e-3)
+
+
+def test_plan_tasks_ask_for_a_gpu_share_only_where_stages_use_gpus():
+    from pipeline.distill.plan import plan_task_options
+
+    cfg = build_config({})
+    assert plan_task_options(cfg, 0) == {"num_cpus": 1, "num_gpus": 0}          # auto, no GPU now
+    assert plan_task_options(cfg, 8) == {"num_cpus": 1, "num_gpus": 0.25}       # auto, a GPU cluster
+    cfg.runtime.device = "cuda"
+    assert plan_task_options(cfg, 0)["num_gpus"] == 0.25  # cuda asks even at 0 GPUs: the autoscaler adds them
+    cfg.runtime.device, cfg.runtime.gpus_per_plan_task = "cpu", 0.5
+    assert plan_task_options(cfg, 8)["num_gpus"] == 0
+    assert build_config({"runtime": {"gpus_per_plan_task": 1.0}}).config_hash() == build_config({}).config_hash()

@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _distill_args(data, out, prior):
     return ["distill", "--data", str(data), "--out", str(out), "--ipc", "2", "--model", str(prior), "--vae", "",
             "--set", "sampler.num_steps=6", "--set", "sampler.t_stop=2", "--set", "tangent.neighbours=3",
-            "--set", "tangent.dim=2", "--set", "runtime.progress=false"]
+            "--set", "tangent.dim=2", "--set", "runtime.progress=false",
+            "--set", "sampler.max_batch=3"]  # several units, some straddling two classes
 
 
 def _tree(out: Path) -> dict:
@@ -81,14 +82,19 @@ def test_ray_job_submit(tmp_path, tiny_prior):
     assert run["counts"]["images"] == 4
 
 
-def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path):
+def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path, monkeypatch):
     import ray
     from conftest import save_tiny_prior
     from ray.cluster_utils import Cluster
 
     from pipeline.cli import main
+    from pipeline.distill.sample import FAULTS_ENV
 
     ray.shutdown()
+    # Units of a tiny model take a fraction of a second: the first actor to load its model could run
+    # them all before the others are up. A test-only pause per unit (pipeline/distill/sample.py) lets the
+    # others join, so the clean run uses several nodes and the lost one held work.
+    monkeypatch.setenv(FAULTS_ENV, '{"delay_s": 1.5}')
     tiny_prior = save_tiny_prior(tmp_path / "prior", num_classes=6)
     data = write_image_folder(tmp_path / "data", {c: 4 for c in "abcdef"})
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"

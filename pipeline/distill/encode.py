@@ -174,7 +174,7 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
     if (out.latents / "_DONE").exists():
         log("encode: latents found, skipping")
         return {"skipped": True}
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = cfg.runtime.use_gpu(ray.cluster_resources().get("GPU", 0))  # runtime.device: auto | cuda | cpu
     lo, hi = pool_size(cfg.runtime.encode_actors, use_gpu)
     log(f"encode: {listing.num_items} images at {image_size}px, {hi} VAE actor(s) on {'GPU' if use_gpu else 'CPU'}")
     ds = input_dataset(listing)

@@ -163,11 +163,30 @@ def run_class(latents_dir: str, class_name: str, cfg: DistillConfig, out_path: s
 
 
 # ---------------------------------------------------------------------------------- the stage driver
+def plan_task_options(cfg: DistillConfig, cluster_gpus: float) -> dict:
+    """Ray resources of one plan task: a CPU, and ``runtime.gpus_per_plan_task`` of a GPU where stages use
+    GPUs (runtime.device cuda, or auto on a cluster that has one)."""
+    gpus = cfg.runtime.gpus_per_plan_task if cfg.runtime.use_gpu(cluster_gpus) else 0
+    return {"num_cpus": 1, "num_gpus": gpus}
+
+
+def submit_plans(cfg: DistillConfig, classes: list[str], out: OutputDir) -> dict:
+    """Submit one plan task per class, in the given order; returns {ref: class name}. The distill driver
+    hands these to stage 3, which starts sampling units as their plans complete (overlapped stages). Where
+    stages use GPUs (runtime.device), each task asks for ``runtime.gpus_per_plan_task`` of one, so that
+    ``cluster.backend`` auto finds a device there (and an autoscaler knows stage 2 wants GPU nodes)."""
+    task = ray.remote(**plan_task_options(cfg, ray.cluster_resources().get("GPU", 0)))(run_class)
+    return {task.remote(str(out.latents), c, cfg, str(out.centroid_file(c))): c for c in classes}
+
+
+def log_plan_warnings(result: dict) -> None:
+    for w in result.get("warnings", []):
+        log(f"plan: class {result['class_name']}: {w}")
+
+
 def plan_stage(cfg: DistillConfig, classes: list[str], out: OutputDir) -> list[dict]:
-    task = ray.remote(num_cpus=1)(run_class)
-    refs = [task.remote(str(out.latents), c, cfg, str(out.centroid_file(c))) for c in classes]
-    results = ray.get(refs)
+    """Stage 2 on its own (a barrier): every class's plan, in class order."""
+    results = ray.get(list(submit_plans(cfg, classes, out)))
     for r in results:
-        for w in r.get("warnings", []):
-            log(f"plan: class {r['class_name']}: {w}")
+        log_plan_warnings(r)
     return results

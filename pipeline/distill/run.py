@@ -31,8 +31,8 @@ from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_t
 from pipeline.common.ray_start import init_ray
 from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
 from pipeline.distill.encode import decode_failures, encode_stage, latent_counts
-from pipeline.distill.plan import plan_stage
-from pipeline.distill.sample import sample_stage
+from pipeline.distill.plan import submit_plans
+from pipeline.distill.sample import UnitFailedError, sample_stage
 from pipeline.inputs.sources import builtin_names, list_source
 from pipeline.models.loading import PriorLoadError
 from pipeline.models.refs import BUILTIN, prior_info, resolve
@@ -182,6 +182,19 @@ def write_manifest(out: OutputDir, classes: list[str]) -> int:
     return table.num_rows
 
 
+TIMINGS_COVER = {
+    "ray_init": "from the start of run() to Ray being up (model check and output folder included)",
+    "encode": "stage 1, wall: encode, quarantine list, latent counts",
+    "plan": "stage 2 span: from submitting the plan tasks to the last plan result (overlaps 'sample')",
+    "sample": "stage 3 span: from requesting the first sampling actor to the last unit done (model loads "
+              "included; overlaps 'plan')",
+    "plan_sample_overlap": "seconds during which both spans ran (plan + sample - overlap <= plan_and_sample)",
+    "plan_and_sample": "wall time of stages 2 and 3 together, from submitting the plans to the last class "
+                       "finalized",
+    "total": "wall time of run(), manifest included",
+}
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -211,22 +224,21 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
     for c in skipped:
         log(f"class {c}: no usable image, no output for it (see quarantine.parquet)")
 
-    t = time.perf_counter()
-    plans = plan_stage(cfg, classes, out)
-    timings["plan"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    sampled = sample_stage(cfg, classes, listing.labels, out)
-    timings["sample"] = time.perf_counter() - t
+    # Stages 2 and 3 overlap: plan tasks are submitted first, and a sampling unit starts as soon as the
+    # plans of all its classes exist (pipeline/distill/sample.py).
+    stage = sample_stage(cfg, classes, listing.labels, out, plans=submit_plans(cfg, classes, out))
+    plans, sampled = stage["plans"], stage["units"]
+    timings.update(stage["timings"])
 
     n_rows = write_manifest(out, classes)
     timings["total"] = time.perf_counter() - t0
     record = {
         "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "versions": versions(),
-        "hardware": hardware(), "timings_s": timings,
+        "hardware": hardware(), "timings_s": timings, "timings_cover": TIMINGS_COVER,
         "counts": {"found": listing.num_items + len(listing.rejected), "encoded": sum(counts.values()),
                    "quarantined": n_quarantined, "classes": len(classes), "classes_without_images": skipped,
-                   "classes_sampled_this_run": len(sampled), "images": n_rows,
+                   "classes_sampled_this_run": len({c for r in sampled for c in r["classes"]}),
+                   "units_sampled_this_run": len(sampled), "images": n_rows,
                    "classes_with_repeated_centroids": sorted(p["class_name"] for p in plans if p.get("repeated"))},
         "plan_backends": sorted({p["backend"] for p in plans if p.get("backend")}),
         "nodes_used": sorted({r["node_id"] for r in sampled}),
@@ -266,6 +278,10 @@ def distill_command(resolve: Callable[[], DistillConfig], *, dry_run_only: bool 
     except ConfigError as exc:
         print(f"manifoldgd: error: {exc}", file=sys.stderr)
         return 2
+    except UnitFailedError as exc:
+        print(f"manifoldgd: error: {exc}. Finished units and classes are kept: rerun the same command to "
+              "resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("manifoldgd: interrupted; finished classes are kept: rerun the same command to resume",
               file=sys.stderr)

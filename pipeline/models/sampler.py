@@ -1,7 +1,14 @@
 """Guided DiT sampling: DiT's DDPM protocol plus mode / manifold guidance (METHOD.md section 4).
 
-One class at a time: all requested samples of the class go through the transformer together,
-chunked to ``max_batch`` samples (the model sees twice that with classifier-free guidance).
+Rows, not classes: a call takes any list of (class, k) samples, each row with its own class label,
+centroid and tangent-basis index, and sends them through the transformer together, chunked to
+``max_batch`` rows (the model sees twice that with classifier-free guidance). ``sample_rows`` is the
+cross-class entry point (the distill pipeline's work units); ``sample`` / ``sample_latents`` keep the
+one-class form as a thin wrapper.
+
+Bases are passed compact: a (B, D, d) set of distinct bases plus an integer (n, S) index of the basis
+row n uses at guided step s; each step gathers its (n, D, d) slice, and the (n, S, D, d) expansion is
+never built.
 
 Step indexing follows DiT: the respaced process has ``num_steps`` indices and sampling runs
 ``i = num_steps - 1`` down to ``0``. A step is *guided* when ``i > t_stop``; with the defaults
@@ -23,7 +30,7 @@ strength under both samplers instead of vanishing with DDIM's zero noise.
 
 Noise: sample k of class y draws its initial latent and then one step noise per DDPM step, in
 order, from its own CPU ``torch.Generator`` seeded by a hash of (seed, y, k). So the noise never
-depends on batching, chunking, other classes or the worker, nor on the device.
+depends on batching, chunking, other classes or rows in the batch, the worker, nor the device.
 """
 from __future__ import annotations
 
@@ -112,6 +119,7 @@ class StepInfo:
     noise: torch.Tensor | None  # z, when the step adds noise
     x_prev: torch.Tensor
     guided_step: int | None = None  # 0 for the first guided step; None when unguided
+    class_ids: list[int] | None = None  # class of each row in this chunk
 
 
 @dataclass
@@ -180,11 +188,12 @@ def denoise_step(
 
 
 class _NoiseStreams:
-    """One CPU generator per sample; each ``draw`` returns the next (n, C, H, W) block."""
+    """One CPU generator per row (class, k); each ``draw`` returns the next (n, C, H, W) block."""
 
-    def __init__(self, seed: int, class_id: int, indices: Sequence[int], shape):
+    def __init__(self, seed: int, class_ids: Sequence[int], indices: Sequence[int], shape):
         self.shape = tuple(shape)
-        self.generators = [torch.Generator().manual_seed(sample_seed(seed, class_id, int(k))) for k in indices]
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, int(y), int(k)))
+                           for y, k in zip(class_ids, indices, strict=True)]
 
     def draw(self) -> torch.Tensor:
         return torch.stack([torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators])
@@ -207,7 +216,8 @@ class GuidedSampler:
     # ------------------------------------------------------------------ noise
     def initial_noise(self, class_id: int, indices: Sequence[int]) -> torch.Tensor:
         """x_T for the given samples (CPU, float32): a pure function of (seed, class_id, k)."""
-        return _NoiseStreams(self.config.seed, class_id, list(indices), self.prior.latent_shape).draw()
+        indices = list(indices)
+        return _NoiseStreams(self.config.seed, [class_id] * len(indices), indices, self.prior.latent_shape).draw()
 
     # ------------------------------------------------------------------ model
     def _autocast(self):
@@ -216,15 +226,16 @@ class GuidedSampler:
             return torch.autocast("cuda", dtype=dtype)
         return contextlib.nullcontext()
 
-    def predict(self, x_t: torch.Tensor, class_id: int, timestep: int):
-        """CFG-combined epsilon (n, C, H, W) and the conditional variance channels (or None)."""
+    def predict(self, x_t: torch.Tensor, class_ids, timestep: int):
+        """CFG-combined epsilon (n, C, H, W) and the conditional variance channels (or None).
+
+        ``class_ids``: one class for every row (an int) or one per row (a sequence or tensor of n)."""
         cfg = self.config
         n, channels = x_t.shape[0], self.prior.latent_shape[0]
         use_cfg = cfg.cfg_scale != 1.0
         model_in = torch.cat([x_t, x_t]) if use_cfg else x_t
-        labels = torch.full((model_in.shape[0],), class_id, dtype=torch.long, device=self.device)
-        if use_cfg:
-            labels[n:] = self.prior.null_class_id
+        cond = torch.as_tensor(class_ids, dtype=torch.long, device=self.device).reshape(-1).expand(n)
+        labels = torch.cat([cond, torch.full_like(cond, self.prior.null_class_id)]) if use_cfg else cond
         steps = torch.full((model_in.shape[0],), int(timestep), dtype=torch.long, device=self.device)
         with self._autocast():
             out = self.prior.transformer(model_in.to(self.model_dtype), timestep=steps, class_labels=labels).sample
@@ -242,27 +253,48 @@ class GuidedSampler:
         return eps, var_values
 
     # ------------------------------------------------------------------ sampling
-    def _guidance_inputs(self, centroids, bases, n: int):
+    def _guidance_inputs(self, centroids, bases, basis_index, n: int):
+        """(centroids (n, D), basis set (B, D, d), basis index (n, S)) on the device, checked."""
         cfg = self.config
         if cfg.guidance == "none":
-            return None, None
+            return None, None, None
         if centroids is None:
             raise ValueError(f"guidance {cfg.guidance!r} needs centroids (n, {self.prior.latent_dim})")
         c = _as_tensor(centroids, self.device)
         if c.shape != (n, self.prior.latent_dim):
             raise ValueError(f"centroids must have shape ({n}, {self.prior.latent_dim}), got {tuple(c.shape)}")
         if cfg.guidance == "mode":
-            return c, None
-        if bases is None:
-            raise ValueError("manifold guidance needs tangent bases (n, D, d) or (n, S, D, d)")
+            return c, None, None
+        if bases is None or basis_index is None:
+            raise ValueError("manifold guidance needs tangent bases (B, D, d) and a basis index (n, S)")
         u = _as_tensor(bases, self.device)
         d_lat, n_guided = self.prior.latent_dim, cfg.num_guided_steps
-        ok = (u.ndim == 3 and u.shape[:2] == (n, d_lat)) or (
-            u.ndim == 4 and u.shape[0] == n and u.shape[1] == n_guided and u.shape[2] == d_lat)
-        if not ok:
-            raise ValueError(f"bases must be ({n}, {d_lat}, d) or ({n}, {n_guided}, {d_lat}, d) "
-                             f"(S = number of guided steps), got {tuple(u.shape)}")
-        return c, u
+        if u.ndim != 3 or u.shape[1] != d_lat:
+            raise ValueError(f"bases must be (B, {d_lat}, d), got {tuple(u.shape)}")
+        index = torch.as_tensor(np.asarray(basis_index), dtype=torch.long)
+        if index.ndim == 1:
+            index = index[:, None].expand(n, n_guided)
+        if tuple(index.shape) != (n, n_guided):
+            raise ValueError(f"basis index must be ({n}, {n_guided}) (S = number of guided steps), "
+                             f"got {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= u.shape[0]):
+            raise ValueError(f"basis index out of range [0, {u.shape[0]})")
+        return c, u, index.to(self.device)
+
+    @staticmethod
+    def compact_bases(bases, n: int, n_guided: int):
+        """(basis set, index) for per-sample bases (n, D, d) or per-step bases (n, S, D, d).
+
+        A view, not a copy: row r at guided step j uses ``set[index[r, j]]`` == ``bases[r, j]``."""
+        if bases is None:
+            return None, None
+        shape = tuple(bases.shape)
+        if len(shape) == 3 and shape[0] == n:
+            return bases, np.repeat(np.arange(n)[:, None], n_guided, axis=1)
+        if len(shape) == 4 and shape[0] == n and shape[1] == n_guided:
+            return bases.reshape(n * n_guided, *shape[2:]), np.arange(n * n_guided).reshape(n, n_guided)
+        raise ValueError(f"bases must be ({n}, D, d) or ({n}, {n_guided}, D, d) "
+                         f"(S = number of guided steps), got {shape}")
 
     @torch.inference_mode()
     def sample_latents(
@@ -280,47 +312,83 @@ class GuidedSampler:
         ``centroids``: (n, D) in the scaled latent space (where x_t lives); ``bases``: (n, D, d), or
         (n, S, D, d) with one basis per guided step. ``noise`` replaces x_T (the step noise still
         comes from the per-sample streams, so passing ``initial_noise(...)`` changes nothing).
+        The one-class form of ``sample_rows``.
         """
-        cfg = self.config
         indices = [int(k) for k in indices]
         n = len(indices)
-        if not 0 <= class_id < self.prior.num_classes:
-            raise ValueError(f"class_id must be in [0, {self.prior.num_classes}), got {class_id}")
-        c_all, u_all = self._guidance_inputs(centroids, bases, n)
+        basis_set, basis_index = (None, None)
+        if self.config.guidance == "manifold":
+            if bases is None:
+                raise ValueError("manifold guidance needs tangent bases (n, D, d) or (n, S, D, d)")
+            basis_set, basis_index = self.compact_bases(bases, n, self.config.num_guided_steps)
+        return self.sample_rows([class_id] * n, indices, centroids, basis_set, basis_index,
+                                noise=noise, step_callback=step_callback)
+
+    @torch.inference_mode()
+    def sample_rows(
+        self,
+        class_ids: Sequence[int],
+        indices: Sequence[int],
+        centroids=None,
+        bases=None,
+        basis_index=None,
+        *,
+        noise: torch.Tensor | None = None,
+        step_callback: Callable[[StepInfo], None] | None = None,
+    ) -> torch.Tensor:
+        """Final scaled latents (n, C, H, W) on CPU for rows (class_ids[r], indices[r]).
+
+        ``centroids``: (n, D); ``bases``: a compact (B, D, d) set of distinct bases; ``basis_index``:
+        (n, S) integers, the basis row r uses at guided step s (or (n,): the same at every step).
+        Rows go through the model in order, ``max_batch`` at a time.
+        """
+        cfg = self.config
+        class_ids = [int(y) for y in class_ids]
+        indices = [int(k) for k in indices]
+        n = len(indices)
+        if len(class_ids) != n:
+            raise ValueError(f"class_ids and indices must have the same length, got {len(class_ids)} and {n}")
+        bad = [y for y in class_ids if not 0 <= y < self.prior.num_classes]
+        if bad:
+            raise ValueError(f"class_id must be in [0, {self.prior.num_classes}), got {bad[0]}")
+        c_all, u_set, u_index = self._guidance_inputs(centroids, bases, basis_index, n)
         if noise is not None and tuple(noise.shape) != (n, *self.prior.latent_shape):
             raise ValueError(f"noise must have shape {(n, *self.prior.latent_shape)}, got {tuple(noise.shape)}")
         out = []
         for start in range(0, n, cfg.max_batch):
             rows = slice(start, min(start + cfg.max_batch, n))
             out.append(self._sample_chunk(
-                class_id, indices[rows],
+                class_ids[rows], indices[rows],
                 None if c_all is None else c_all[rows],
-                None if u_all is None else u_all[rows],
+                u_set,
+                None if u_index is None else u_index[rows],
                 None if noise is None else noise[rows],
                 step_callback,
             ))
         return torch.cat(out) if out else torch.empty((0, *self.prior.latent_shape))
 
-    def _sample_chunk(self, class_id, chunk, centroids, bases, noise, step_callback) -> torch.Tensor:
+    def _sample_chunk(self, class_ids, chunk, centroids, basis_set, basis_index, noise, step_callback):
         cfg, sched = self.config, self.schedule
-        streams = _NoiseStreams(cfg.seed, class_id, chunk, self.prior.latent_shape)
+        streams = _NoiseStreams(cfg.seed, class_ids, chunk, self.prior.latent_shape)
         x_T = streams.draw()  # always drawn, so the step noise stream is the same with or without `noise`
         x = (x_T if noise is None else noise.detach().cpu().float()).to(self.device)
+        labels = torch.as_tensor(class_ids, dtype=torch.long, device=self.device)
         guided = set(cfg.guided_indices())
         j = 0
         for i in range(sched.num_steps - 1, -1, -1):
             t = int(sched.timesteps[i])
-            eps, var_values = self.predict(x, class_id, t)
+            eps, var_values = self.predict(x, labels, t)
             # Draw on the CPU while the device runs the model (launches above are asynchronous).
             z = streams.draw().to(self.device, non_blocking=True) if cfg.sampler == "ddpm" and i > 0 else None
             state = None
             if i in guided:
-                basis = None if bases is None else (bases[:, j] if bases.ndim == 4 else bases)
+                basis = None if basis_set is None else step_bases(basis_set, basis_index, j)
                 state = GuidanceState(cfg.guidance, centroids, basis, cfg.guidance_scale, cfg.normal_weight)
             step = denoise_step(sched, i, x, eps, var_values, sampler=cfg.sampler, noise=z, guidance=state)
             if step_callback is not None:
                 step_callback(StepInfo(index=i, timestep=t, sample_indices=list(chunk), x_t=x, eps=eps,
-                                       guided_step=j if state is not None else None, **step))
+                                       guided_step=j if state is not None else None,
+                                       class_ids=list(class_ids), **step))
             x = step["x_prev"]
             j += state is not None
         return x.cpu()
@@ -347,6 +415,15 @@ class GuidedSampler:
     def sample(self, class_id: int, indices: Sequence[int], centroids=None, bases=None) -> np.ndarray:
         """uint8 images (n, H, W, 3) for samples ``indices`` of ``class_id``."""
         return self.decode(self.sample_latents(class_id, indices, centroids, bases))
+
+    def sample_images(self, class_ids, indices, centroids=None, bases=None, basis_index=None) -> np.ndarray:
+        """uint8 images (n, H, W, 3) for rows (class_ids[r], indices[r]); see ``sample_rows``."""
+        return self.decode(self.sample_rows(class_ids, indices, centroids, bases, basis_index))
+
+
+def step_bases(basis_set: torch.Tensor, basis_index: torch.Tensor, step: int) -> torch.Tensor:
+    """(n, D, d) bases of guided step ``step``: row r gets ``basis_set[basis_index[r, step]]``."""
+    return basis_set[basis_index[:, step]]
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
