@@ -107,17 +107,24 @@ def class_subset(spec: str) -> list[str]:
                           f"(or name a shipped list: {', '.join(SHIPPED_CLASS_LISTS)})") from None
 
 
-def list_imagefolder(root: Path, split: str, class_map: str = "", subset: str = "") -> Listing:
-    base = root / split if (root / split).is_dir() else root
-    classes = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _chosen_classes(found: list[str], subset: str, where: str) -> list[str]:
+    """The class folders to use: all found, or the ``data.classes`` subset (every listed one must exist)."""
+    classes = found
     if subset:
         wanted = class_subset(subset)
-        missing = sorted(set(wanted) - set(classes))
+        missing = sorted(set(wanted) - set(found))
         if missing:
-            raise ConfigError("data.classes", f"{len(missing)} listed classes are not in {base}: {missing[:3]}")
+            raise ConfigError("data.classes", f"{len(missing)} listed classes are not in {where}: {missing[:3]}")
         classes = sorted(wanted)
     if not classes:
-        raise ConfigError("data.path", f"{base} holds no class folders (expected <class>/<image> files)")
+        raise ConfigError("data.path", f"{where} holds no class folders (expected <class>/<image> files)")
+    return classes
+
+
+def list_imagefolder(root: Path, split: str, class_map: str = "", subset: str = "") -> Listing:
+    base = root / split if (root / split).is_dir() else root
+    found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = _chosen_classes(found, subset, str(base))
     listing = Listing("imagefolder", str(base), classes, label_ids(classes, class_map))
     for cls in classes:
         # os.walk without following directory links: a link loop cannot hang the listing
@@ -158,15 +165,8 @@ def list_remote_imagefolder(uri: str, split: str, class_map: str = "", subset: s
     except (OSError, ValueError) as exc:
         raise ConfigError("data.path", f"cannot list {uri}: {exc}") from None
     files = sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
-    classes = sorted({f.split("/", 1)[0] for f in files if "/" in f and not f.startswith(".")})
-    if subset:
-        wanted = class_subset(subset)
-        missing = sorted(set(wanted) - set(classes))
-        if missing:
-            raise ConfigError("data.classes", f"{len(missing)} listed classes are not in {uri}: {missing[:3]}")
-        classes = sorted(wanted)
-    if not classes:
-        raise ConfigError("data.path", f"{uri} holds no class folders (expected <class>/<image> objects)")
+    found = sorted({f.split("/", 1)[0] for f in files if "/" in f and not f.startswith(".")})
+    classes = _chosen_classes(found, subset, uri)
     listing = Listing("imagefolder", uri.rstrip("/"), classes, label_ids(classes, class_map))
     keep = set(classes)
     for rel in files:
