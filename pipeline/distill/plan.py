@@ -58,8 +58,8 @@ def read_class_latents(latents_dir: Path, class_name: str) -> tuple[np.ndarray, 
 def latent_matrix(column) -> np.ndarray:
     """A parquet column of equal-length float lists (or Ray's tensor extension over one) as (N, D) float32.
 
-    Reads the flat value buffer in one go: converting row by row through Python lists took 1.3-1.7 s
-    for a 1,300 x 4,096 class (bench/latent_read.py)."""
+    Reads the flat value buffer in one go: for a 1,300 x 4,096 class, 0.015 s against 1.22 s row by row
+    through Python lists (`python bench/latent_read.py`, 2026-11-30, same values)."""
     arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     if isinstance(arr, pa.ExtensionArray):
         arr = arr.storage
