@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
 import socket
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -102,3 +104,13 @@ def wait_for_dashboard(port: int, proc, timeout: float = 120.0) -> None:
         except OSError:
             time.sleep(1)
     raise TimeoutError("the Ray dashboard did not come up")
+
+
+def stop_process_group(proc, timeout: float = 60.0) -> None:
+    """SIGTERM a process started with start_new_session=True (a `ray start --head --block`) and its
+    children; SIGKILL them if they are still there after ``timeout``."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -29,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port, wait_for_dashboard, write_image_folder
+from conftest import free_port, stop_process_group, wait_for_dashboard, write_image_folder
 
 from pipeline.config import build_config, load_yaml, validate
 
@@ -366,11 +365,7 @@ def test_job_submit_with_working_dir_to_a_cluster_without_the_package(tmp_path, 
                 break
             time.sleep(2)
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head)
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
     assert "succeeded" in job.stdout.lower()
     assert "classes: 2; images: 6" in job.stdout  # the dry run's listing

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for_dashboard, write_image_folder
+from conftest import free_port, stop_process_group, wait_for_dashboard, write_image_folder
 
 pytestmark = pytest.mark.cluster
 BIN = Path(sys.executable).parent
@@ -72,11 +71,7 @@ def test_ray_job_submit(tmp_path, tiny_prior):
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in job.stdout.lower()
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
+        stop_process_group(head)
     assert sorted(p.name for p in (out / "train" / "a").glob("*.png")) == ["a_0000.png", "a_0001.png"]
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["images"] == 4
