@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -96,9 +97,28 @@ def parse_grid(args) -> Grid:
     except FeatureLoadError as exc:
         raise ValueError(str(exc)) from None
     return Grid(out=Path(args.out), table=table, methods=parse_methods(args.methods, table),
-                ipcs=[int(x) for x in str(args.ipc).split(",") if x.strip()], seeds=list(range(args.seeds)),
+                ipcs=[int(x) for x in str(args.ipc).split(",") if x.strip()], seeds=parse_seeds(args.seeds),
                 archs=[a.strip() for a in args.arch.split(",") if a.strip()],
                 student=parse_student_settings(args.student), test=test, extractor=extractor)
+
+
+def parse_seeds(spec) -> list[int]:
+    """``--seeds``: ``N`` = seeds 0..N-1; ``A-B`` = seeds A..B (inclusive); ``A,B,C`` = those seeds (a list
+    may mix single seeds and ranges: ``0,3-5``). The way to select a subset, e.g. tuning seeds disjoint
+    from the table's."""
+    text = str(spec).strip()
+    if text.isdigit():
+        return list(range(int(text)))
+    seeds: list[int] = []
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            a, sep, b = part.partition("-")
+            seeds += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+    except ValueError:
+        raise ValueError(f"--seeds {spec!r}: expected N (seeds 0..N-1), A-B or a comma-separated list") from None
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {spec!r}: expected distinct seeds >= 0")
+    return seeds
 
 
 def run_benchmark(args) -> dict:
@@ -267,7 +287,7 @@ def write_report(args, grid: Grid, timings: dict) -> dict:
     (out / "samples").mkdir(exist_ok=True)
     for name in grid.methods:
         for ipc in grid.ipcs:
-            report.sample_grid(set_dir(out, grid.table[name], ipc, 0), out / "samples" / f"{name}_ipc{ipc}.png")
+            report.sample_grid(set_dir(out, grid.table[name], ipc, grid.seeds[0]), out / "samples" / f"{name}_ipc{ipc}.png")
     return results
 
 
@@ -275,8 +295,8 @@ def write_report(args, grid: Grid, timings: dict) -> dict:
 def command_line(args) -> str:
     """The command that reproduces (and resumes) this benchmark, with every default spelled out."""
     parts = ["manifoldgd benchmark", f"--data {args.data}", f"--out {args.out}", f"--ipc {args.ipc}",
-             f"--seeds {args.seeds}", f"--methods {args.methods}", f"--arch {args.arch}", f"--profile {args.profile}",
-             f"--features {args.features}"]
+             f"--seeds {args.seeds}", f"--methods {shlex.quote(args.methods)}", f"--arch {args.arch}",
+             f"--profile {args.profile}", f"--features {args.features}"]
     parts += [f"--fast-steps {args.fast_steps}"] if args.profile == "fast" else []
     parts += [f"--test {args.test}"] if args.test else []
     parts += [f"--model {args.model}"] if args.model is not None else []
@@ -313,7 +333,8 @@ def register(sub) -> None:
     p.add_argument("--test", help="test data (default: --data's test split, for a built-in dataset)")
     p.add_argument("--out", default="runs/benchmark", help="output folder; rerunning resumes it")
     p.add_argument("--ipc", default="1,10,50", help="comma-separated IPCs")
-    p.add_argument("--seeds", type=int, default=3, help="generation seeds 0..N-1 (each also seeds its student)")
+    p.add_argument("--seeds", default="3",
+                   help="generation seeds (each also seeds its student): N = 0..N-1, A-B, or a list like 3,4,5")
     p.add_argument("--methods", default="all",
                    help=f"comma-separated methods or groups; methods: {', '.join(METHODS)}; "
                    f"groups: {', '.join(ALIASES)}")
