@@ -318,6 +318,7 @@ def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
         for k in range(2):
             png = np.asarray(Image.open(out / "real" / "kmeans_real" / "ipc2_seed0" / "train" / c / f"{c}_{k:04d}.png"))
             assert any(np.array_equal(png, im) for im in real[c])
+    check_results_file_and_copies(tmp_path, out, argv)
     # a rerun resumes: every cell is skipped and left as it was
     cells = sorted((out / "cells").rglob("*.json"))
     stamps = [p.stat().st_mtime_ns for p in cells]
@@ -333,6 +334,101 @@ def test_benchmark_end_to_end_and_resume(tmp_path, tiny_prior, ray_session):
     assert not (out / "distill" / "dit").exists()
     table = (out / "table.md").read_text()
     assert "| DiT (no guidance) | not run |" in table and "Random real" in table
+
+
+def check_results_file_and_copies(tmp_path, out, argv):
+    """results.jsonl holds one record per cell; the tables regenerate from it alone; copy detection
+    tells real training images (exact copies) from generated ones."""
+    from pipeline.cli import main
+    from pipeline.eval.results import read_blocks, read_records
+
+    records = read_records(out / "results.jsonl")
+    assert sorted((r["method"], r["ipc"], r["seed"], r["arch"]) for r in records) == \
+        [("kmeans_real", 2, 0, "convnet"), ("mgd3", 2, 0, "convnet"), ("random", 2, 0, "convnet")]
+    by = {r["method"]: r for r in records}
+    assert all(r["test"] == argv[argv.index("--test") + 1] and r["command"].startswith("manifoldgd benchmark")
+               for r in records)
+    assert "cluster.branching" not in by["mgd3"]["sets"] and by["mgd3"]["guidance"] == "mode"
+    # random real images are training images: every one is an exact copy, in pixels and in features
+    for space in ("pixels", "features"):
+        assert by["random"]["copies"][space]["frac_closer_than_any_train_pair"] == 1.0
+        assert by["random"]["copies"][space]["nn_p50"] == 0.0
+    # the tiny random prior's samples are nowhere near a training image
+    assert by["mgd3"]["copies"]["pixels"]["frac_closer_than_any_train_pair"] == 0.0
+    assert by["mgd3"]["copies"]["pixels"]["nn_ratio_median"] > 0.5
+
+    # the same tables from the file alone, in a folder with no cells; --into rewrites marked blocks only
+    doc = tmp_path / "doc.md"
+    doc.write_text("intro\n<!-- results:headline begin -->\nstale\n<!-- results:headline end -->\noutro\n"
+                   "<!-- results:full begin (generated) -->\n<!-- results:full end -->\n")
+    other = tmp_path / "from_file"
+    report = [*argv, "--report-only", "--results-file", str(out / "results.jsonl"), "--into", str(doc)]
+    report[report.index(str(out))] = str(other)
+    assert main(report) == 0
+    assert not (other / "cells").exists()
+    assert (other / "table.md").read_text() == (out / "table.md").read_text()
+    blocks = read_blocks(doc)
+    assert "stale" not in blocks["headline"] and "Random real" in blocks["headline"]
+    assert "Ablation" not in blocks["headline"] and "Copy detection" in blocks["full"]
+    assert doc.read_text().startswith("intro\n") and "outro\n" in doc.read_text()
+    # records scored on another test set are not this table's; an unknown block name is an error
+    elsewhere = [*report]
+    elsewhere[elsewhere.index("--test") + 1] = str(tmp_path / "test")
+    assert main([a for a in elsewhere if a not in ("--into", str(doc))]) == 0
+    assert (other / "table.md").read_text() == "no finished cells yet\n"
+    doc.write_text("<!-- results:nosuch begin -->\n<!-- results:nosuch end -->\n")
+    assert main(report) == 2
+
+
+def test_parse_seeds_subsets():
+    from pipeline.eval.benchmark import parse_seeds
+
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds(2) == [0, 1]
+    assert parse_seeds("3-5") == [3, 4, 5] and parse_seeds("10,11") == [10, 11]
+    assert parse_seeds("0,3-4") == [0, 3, 4]
+    for bad in ("3-x", "1,1", "", "5-3"):
+        with pytest.raises(ValueError):
+            parse_seeds(bad)
+
+
+def test_tuning_budget_is_equal_and_covers_every_knob_value():
+    from pipeline.eval import tune
+
+    table = tune.variants(12, 0)
+    per_method = {}
+    for base, settings in table.values():
+        per_method.setdefault(base, []).append(settings)
+    assert {b: len(s) for b, s in per_method.items()} == {"mgd3": 12, "manifoldgd": 12}
+    for base, settings in per_method.items():
+        space = tune.SPACES[base]
+        assert settings[0] == tune.expand(space.published)  # the published setting is always tried
+        assert len({json.dumps(s, sort_keys=True) for s in settings}) == 12  # distinct
+        assert all(set(s) == set(settings[0]) for s in settings)  # every knob named in every setting
+        for knob, values in space.grid.items():  # the Latin hypercube tries every value of every knob
+            for v in values:
+                flat = tune.expand({knob: v})
+                assert any(all(s[k] == x for k, x in flat.items()) for s in settings[1:]), (base, knob, v)
+    assert tune.variants(12, 0) == table and tune.variants(12, 1) != table  # seeded
+
+
+def test_tuning_choice_is_the_best_mean_on_the_tuning_seeds(tmp_path):
+    from pipeline.eval import tune
+    from pipeline.eval.cells import save_cell
+
+    table = tune.variants(3, 0)
+    scores = {"mgd3_t00": (0.80, 0.82), "mgd3_t01": (0.90, 0.70), "mgd3_t02": (0.85, 0.84),
+              "mgd_t00": (0.75, 0.75), "mgd_t01": (0.75, 0.75), "mgd_t02": (0.5, 1.0)}
+    for name, pair in scores.items():
+        for seed, top1 in zip((10, 11), pair):
+            save_cell(tmp_path, {"method": name, "ipc": 10, "seed": seed, "arch": "convnet", "eval_key": "k",
+                                 "student": {"final_top1": top1, "best_top1": top1, "seconds": 1.0}})
+    result = tune.choose(tmp_path, table, 10, [10, 11])
+    assert result["chosen"]["mgd3"]["variant"] == "mgd3_t02"  # 0.845 beats 0.81 and 0.80
+    assert result["chosen"]["manifoldgd"]["variant"] == "mgd_t00"  # a tie keeps the earlier (published) one
+    text = tune.defaults_yaml(result["chosen"], "x.json")
+    assert "manifold:" in text and "(the published setting)" in text
+    (tmp_path / "cells" / "mgd_t02" / "ipc10_seed11_convnet.json").unlink()
+    assert "manifoldgd" not in tune.choose(tmp_path, table, 10, [10, 11])["chosen"]  # no choice on a missing cell
 
 
 def test_latents_are_shared_only_between_runs_of_the_same_data_and_model(tmp_path):

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ops.metrics import GaussianReference
+from pipeline.common.copies import copy_check, copy_references
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import atomic_write_json
 from pipeline.common.ray_start import init_ray
@@ -38,8 +39,9 @@ from pipeline.distill.run import resolve_distill_config, run
 from pipeline.eval import report
 from pipeline.eval.baselines import RealPool, kmeans_nearest_ids, random_ids, write_real_set
 from pipeline.eval.cells import (
+    aggregate,
     cell_path,
-    collect,
+    cells_in,
     distill_seconds,
     eval_key,
     latent_key,
@@ -60,7 +62,8 @@ from pipeline.eval.evaluate import (
 )
 from pipeline.eval.features import FeatureLoadError
 from pipeline.eval.methods import ALIASES, METHODS, Method, parse_methods, parse_variants
-from pipeline.eval.students import recipe_for
+from pipeline.eval.results import methods_of, read_records, record, rewrite_blocks, write_records
+from pipeline.eval.students import StudentRecipe, recipe_for
 from pipeline.inputs.sources import list_source
 from pipeline.models.refs import prior_info
 
@@ -122,6 +125,8 @@ def parse_seeds(spec) -> list[int]:
 
 
 def run_benchmark(args) -> dict:
+    if args.results_file and not args.report_only:
+        raise ValueError("--results-file reads a finished results file: use it with --report-only")
     grid = parse_grid(args)
     grid.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -207,22 +212,40 @@ class TestSet:
     labels: np.ndarray
     features: np.ndarray | None = None         # the extractor's features of the images
     reference: GaussianReference | None = None  # their Gaussian fit: the D x D work, done once
+    copy_refs: dict | None = None               # the training set's copy references (None: copies off)
 
 
-def load_test_set(grid: Grid, classes: list[str], size: int) -> TestSet:
+def load_test_set(args, grid: Grid, classes: list[str], size: int) -> TestSet:
     images, labels = load_test(grid.test, classes, size)
+    refs = copy_references_for(args, grid, size)
     if grid.extractor is None:
-        return TestSet(images, labels)
+        return TestSet(images, labels, copy_refs=refs)
     features = grid.extractor(images)
-    return TestSet(images, labels, features, GaussianReference.of(features))
+    return TestSet(images, labels, features, GaussianReference.of(features), refs)
+
+
+def copy_references_for(args, grid: Grid, size: int) -> dict | None:
+    """The real training images' copy references (pixels, and the grid's features), at the distilled
+    size; None with --no-copies or when the training set is larger than --copies-max-train (the
+    leave-one-out pass is quadratic in it)."""
+    if not args.copies:
+        return None
+    pool = RealPool(args.data, size)
+    ids = [i for c in pool.classes for i in pool.ids[c]]
+    if len(ids) > args.copies_max_train:
+        log(f"copy detection off: {len(ids)} training images > --copies-max-train {args.copies_max_train}")
+        return None
+    log(f"copy detection: nearest-neighbour references of {len(ids)} training images")
+    return copy_references(pool.pixels(ids), grid.extractor)
 
 
 def set_measures(grid: Grid, test: TestSet, images: np.ndarray) -> dict:
     """What every cell of a set records about the set itself: its distribution metrics vs the real test
-    images (empty without a feature extractor)."""
-    if grid.extractor is None:
-        return {}
-    return set_metrics(grid.extractor, test.features, images, test.reference)
+    images (empty without a feature extractor) and its copy detection vs the training images (None when
+    off)."""
+    metrics = {} if grid.extractor is None else set_metrics(grid.extractor, test.features, images, test.reference)
+    copies = None if test.copy_refs is None else copy_check(images, test.copy_refs, grid.extractor)
+    return {"metrics": metrics, "copies": copies}
 
 
 def pending_students(args, grid: Grid) -> tuple[list[StudentJob], dict[str, dict], TestSet | None]:
@@ -240,11 +263,11 @@ def pending_students(args, grid: Grid) -> tuple[list[StudentJob], dict[str, dict
             key = eval_key(recipe, grid.test, grid.extractor.name if grid.extractor else None)
             if load_cell(cell_path(grid.out, m.name, ipc, seed, arch), key):
                 continue
-            test = test or load_test_set(grid, classes, images.shape[1])
+            test = test or load_test_set(args, grid, classes, images.shape[1])
             measures = set_measures(grid, test, images) if measures is None else measures
             job = StudentJob(f"{m.name}|{ipc}|{seed}|{arch}", images, labels, len(classes), recipe, seed)
             cells[job.key] = {"method": m.name, "ipc": ipc, "seed": seed, "arch": arch, "eval_key": key,
-                              "recipe": recipe, "metrics": measures}
+                              "recipe": recipe, **measures}
             jobs.append(job)
     return jobs, cells, test
 
@@ -259,7 +282,8 @@ def train_students(args, grid: Grid, timings: dict) -> None:
     def done(job: StudentJob, result: dict) -> None:
         c = cells[job.key]
         cell = {**{k: c[k] for k in ("method", "ipc", "seed", "arch", "eval_key", "recipe")}, "student": result,
-                "metrics": c["metrics"], "n_images": int(len(job.labels)), "command": args.command_line,
+                "metrics": c["metrics"], "copies": c["copies"], "n_images": int(len(job.labels)),
+                "command": args.command_line,
                 "distill_seconds": distill_seconds(grid.out, grid.table[c["method"]], c["ipc"], c["seed"])}
         save_cell(grid.out, cell)
         log(f"{c['method']} IPC {c['ipc']} seed {c['seed']} {c['arch']}: final top-1 "
@@ -273,22 +297,41 @@ def train_students(args, grid: Grid, timings: dict) -> None:
 
 # ------------------------------------------------------------------------------------------ 3. report
 def write_report(args, grid: Grid, timings: dict) -> dict:
-    """results.json, table.md, chart.png and the sample grids, from the cells that exist."""
+    """results.json, results.jsonl, table.md, chart.png and the sample grids, from the cells that exist
+    (or, with --results-file, from that file's records alone); then the marked blocks of every --into."""
     out = grid.out
-    results = collect(out, grid.methods, grid.ipcs, grid.seeds, grid.archs, grid.table)
+    if args.results_file:
+        records = [r for r in read_records(Path(args.results_file)) if r["test"] == grid.test]
+        table = {**methods_of(records), **grid.table}
+        methods = parse_methods(args.methods, table)
+        records = [r for r in records if r["seed"] in grid.seeds]
+    else:
+        table, methods = grid.table, grid.methods
+        records = [record(c, table[c["method"]], grid.test, recipe_text(c["recipe"]))
+                   for c in cells_in(out, methods, grid.ipcs, grid.seeds, grid.archs)]
+        write_records(out / "results.jsonl", records)
+    results = aggregate(records, methods, grid.ipcs, grid.archs, table)
     recipes = {a: recipe_for(args.profile, max(grid.ipcs), 10 * max(grid.ipcs), fast_steps=args.fast_steps,
                              **{**grid.student, "arch": a}).describe() for a in grid.archs}
     results.update({"data": args.data, "test": grid.test, "profile": args.profile, "archs": grid.archs,
                     "recipe": recipes, "features": grid.extractor.name if grid.extractor else None,
-                    "command": args.command_line, "timings_this_run_s": timings})
+                    "seeds_requested": grid.seeds, "command": args.command_line, "timings_this_run_s": timings})
     atomic_write_json(out / "results.json", results)
     (out / "table.md").write_text(report.markdown(results))
     report.bar_chart(results, out / "chart.png")
-    (out / "samples").mkdir(exist_ok=True)
-    for name in grid.methods:
-        for ipc in grid.ipcs:
-            report.sample_grid(set_dir(out, grid.table[name], ipc, grid.seeds[0]), out / "samples" / f"{name}_ipc{ipc}.png")
+    if not args.results_file:
+        (out / "samples").mkdir(exist_ok=True)
+        for name in methods:
+            for ipc in grid.ipcs:
+                report.sample_grid(set_dir(out, table[name], ipc, grid.seeds[0]), out / "samples" / f"{name}_ipc{ipc}.png")
+    for path in args.into:
+        names = rewrite_blocks(Path(path), report.blocks(results))
+        log(f"rewrote {', '.join(names) or 'no'} results block(s) in {path}")
     return results
+
+
+def recipe_text(recipe: dict) -> str:
+    return StudentRecipe(**recipe).describe()
 
 
 # ------------------------------------------------------------------------------------------- the CLI
@@ -347,6 +390,16 @@ def register(sub) -> None:
                    "lam03=manifoldgd:sampler.guidance_scale=0.3 (repeatable; a recorded knob sweep)")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing: write the table, JSON, chart and grids from the cells already finished")
+    p.add_argument("--results-file", metavar="FILE",
+                   help="with --report-only: build the tables from this results file (one record per cell, as "
+                   "OUT/results.jsonl) instead of OUT/cells; records scored on another --test are ignored")
+    p.add_argument("--into", action="append", default=[], metavar="FILE",
+                   help="rewrite the <!-- results:NAME begin/end --> blocks of FILE with this report's tables "
+                   "(repeatable; names: " + ", ".join(report.BLOCKS) + ")")
+    p.add_argument("--no-copies", dest="copies", action="store_false",
+                   help="skip copy detection (nearest training image of every set, in pixels and features)")
+    p.add_argument("--copies-max-train", type=int, default=50_000,
+                   help="copy detection only when the training set has at most this many images (50000)")
     p.add_argument("--no-share-latents", dest="share_latents", action="store_false",
                    help="encode the training set again in every distill folder")
     add_student_arguments(p)

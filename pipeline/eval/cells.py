@@ -61,19 +61,30 @@ def distill_seconds(out: Path, method: Method, ipc: int, seed: int) -> float | N
     return round(float(timings.get("total", 0.0)), 1)
 
 
+def cells_in(out: Path, methods, ipcs, seeds, archs) -> list[dict]:
+    """The finished cells of a grid under ``out`` (missing ones are skipped)."""
+    return [json.loads(p.read_text()) for name in methods for ipc in ipcs for arch in archs for s in seeds
+            if (p := cell_path(out, name, ipc, s, arch)).exists()]
+
+
 def collect(out: Path, methods, ipcs, seeds, archs, table: dict[str, Method] | None = None) -> dict:
-    """Aggregate the finished cells: mean +- std over seeds per (method, IPC, architecture)."""
+    """Aggregate the finished cells under ``out``: mean +- std over seeds per (method, IPC, architecture)."""
+    return aggregate(cells_in(out, methods, ipcs, seeds, archs), methods, ipcs, archs, table)
+
+
+def aggregate(cells: list[dict], methods, ipcs, archs, table: dict[str, Method] | None = None) -> dict:
+    """Cells (or results-file records: the same keys) -> the rows of results.json, in method order."""
     table = table or METHODS
     rows, commands = [], set()
     for name in methods:
         for ipc in ipcs:
             for arch in archs:
-                cells = [json.loads(p.read_text()) for s in seeds
-                         if (p := cell_path(out, name, ipc, s, arch)).exists()]
-                if not cells:
+                group = sorted((c for c in cells if (c["method"], c["ipc"], c["arch"]) == (name, ipc, arch)),
+                               key=lambda c: c["seed"])
+                if not group:
                     continue
-                rows.append(aggregate_row(table[name], ipc, arch, cells))
-                commands.update(c.get("command", "") for c in cells)
+                rows.append(aggregate_row(table[name], ipc, arch, group))
+                commands.update(c.get("command", "") for c in group)
     return {"rows": rows, "main": [m for m in MAIN if m in methods],
             "ladder": [(label, m) for label, m in LADDER if m in methods],
             "commands": sorted(c for c in commands if c), "labels": {m: table[m].label for m in methods},
@@ -81,12 +92,17 @@ def collect(out: Path, methods, ipcs, seeds, archs, table: dict[str, Method] | N
             "variant_settings": {m: list(table[m].sets) for m in methods if m not in METHODS}}
 
 
+COPY_STATS = ("frac_closer_than_any_train_pair", "nn_ratio_median")
+
+
 def aggregate_row(method: Method, ipc: int, arch: str, cells: list[dict]) -> dict:
     """One row of results.json: the seeds' cells of one (method, IPC, architecture)."""
+    copies = {space: {k: mean_std([((c.get("copies") or {}).get(space) or {}).get(k) for c in cells])
+                      for k in COPY_STATS} for space in ("pixels", "features")}
     return {"method": method.name, "label": method.label, "ipc": ipc, "arch": arch,
             "seeds": [c["seed"] for c in cells], **summarise([c["student"] for c in cells]),
             "metrics": {k: mean_std([c["metrics"].get(k) for c in cells]) for k in SET_METRICS},
-            "distill_seconds": mean_std([c.get("distill_seconds") for c in cells])}
+            "copies": copies, "distill_seconds": mean_std([c.get("distill_seconds") for c in cells])}
 
 
 # --------------------------------------------------------------------------------- shared latents

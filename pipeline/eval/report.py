@@ -25,9 +25,16 @@ def _rows(results: dict, arch: str) -> dict[tuple[str, int], dict]:
     return {(r["method"], r["ipc"]): r for r in results["rows"] if r["arch"] == arch}
 
 
-def markdown(results: dict) -> str:
-    """Top-1 tables (final epoch headline, best epoch beside it) for the main methods and the ladder, per
-    architecture, then the distribution metrics with the feature extractor named."""
+def split_name(results: dict) -> str:
+    """The data that scored the students, as a reader should see it (``mnist10k:test``, a folder)."""
+    test = results.get("test") or "the real test split"
+    return f"{test}:test" if test and ":" not in test and "/" not in test and test.isidentifier() else test
+
+
+def markdown(results: dict, parts=("commands", "main", "ladder", "variants", "metrics", "copies")) -> str:
+    """Top-1 tables (final epoch headline, best epoch beside it) for the main methods, the ladder and the
+    variants, per architecture; then the distribution metrics with the feature extractor named; then the
+    copy detection. ``parts`` picks the sections (README shows fewer than docs/evaluation.md)."""
     rows = results["rows"]
     if not rows:
         return "no finished cells yet\n"
@@ -35,18 +42,18 @@ def markdown(results: dict) -> str:
     ipcs = sorted({r["ipc"] for r in rows})
     lines = []
     commands = results.get("commands") or ([results["command"]] if results.get("command") else [])
-    if commands:
+    if commands and "commands" in parts:
         lines += ["Made by:", ""] + [f"    {c}" for c in commands] + [""]
+    header = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |"
+    sep = "| --- |" + " --- |" * len(ipcs)
     for arch in archs:
         by = _rows(results, arch)
         recipe = results.get("recipe", {}).get(arch, arch)
-        lines += [f"### Top-1 on the real test split (%), {recipe}", "",
+        lines += [f"#### Top-1 (%) on {split_name(results)}, {recipe}", "",
                   "Final epoch (headline); [best epoch, as the public code reports it]; mean +- std over seeds "
                   "(n = seeds that finished).", ""]
-        header = "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " |"
-        sep = "| --- |" + " --- |" * len(ipcs)
 
-        def line(label, name):
+        def line(label, name, by=by):
             cells = []
             for i in ipcs:
                 r = by.get((name, i))
@@ -55,28 +62,27 @@ def markdown(results: dict) -> str:
             return f"| {label} | " + " | ".join(cells) + " |"
 
         main = results.get("main") or []
-        if main:
+        if main and "main" in parts:
             lines += [header, sep] + [line(by_label(results, m), m) for m in main] + [""]
         ladder = results.get("ladder") or []
-        if ladder:
+        if ladder and "ladder" in parts:
             lines += ["Ablation ladder (METHOD.md section 6):", "", header, sep]
             lines += [line(label, m) for label, m in ladder] + [""]
         variants = results.get("variants") or []
-        if variants:
-            lines += ["Variants (a recorded knob sweep; settings on top of the named base method):", "", header, sep]
+        if variants and "variants" in parts:
+            lines += ["Variants (settings on top of the named base method):", "", header, sep]
             lines += [line(by_label(results, m), m) for m in variants] + [""]
-    first = archs[0]
-    by = _rows(results, first)
-    if any(r["metrics"]["fid"]["n"] for r in rows):
-        lines += [f"### Distribution metrics vs the real test images (features: {results.get('features')})", "",
+    by = _rows(results, archs[0])
+    if "metrics" in parts and any(r["metrics"]["fid"]["n"] for r in rows):
+        lines += [f"#### Distribution metrics vs the real images of {split_name(results)} "
+                  f"(features: {results.get('features')})", "",
                   "FID-style Frechet distance / l2 of mean embeddings / MMD^2 (this project's: biased, RBF with "
                   "2h^2 = 2 x median squared distance) / MMD (the papers': square root of the unbiased MMD^2, "
                   "gamma = 1 / median squared distance), mean +- std over seeds; lower is closer. The two MMDs are "
                   "not comparable with each other. Small sets (IPC 1: 10 images) make FID strongly biased upward.", ""]
         lines += ["| method | " + " | ".join(f"IPC {i}: FID / l2 / MMD^2 (ours) / MMD (paper)" for i in ipcs) + " |",
                   "| --- |" + " --- |" * len(ipcs)]
-        names = _order(results)
-        for m in names:
+        for m in _order(results):
             cells = []
             for i in ipcs:
                 r = by.get((m, i))
@@ -88,7 +94,40 @@ def markdown(results: dict) -> str:
                              f"{_cell(mt.get('mmd_paper'), 4)}")
             lines.append(f"| {by_label(results, m)} | " + " | ".join(cells) + " |")
         lines.append("")
+    if "copies" in parts and any(((r.get("copies") or {}).get("pixels") or {}).get("nn_ratio_median", {}).get("n")
+                                 for r in rows):
+        lines += ["#### Copy detection vs the real training images", "",
+                  "Per set: the fraction of images closer to a training image than any two training images are to "
+                  "each other / the median distance to the nearest training image over the training set's own "
+                  "median nearest-neighbour distance (leave-one-out); in pixels, then in features "
+                  f"({results.get('features')}). A set of training images reads 1 / 0; new images drawn like the "
+                  "data read about 0 / 1. Mean over seeds.", ""]
+        lines += ["| method | " + " | ".join(f"IPC {i}: pixels / features" for i in ipcs) + " |",
+                  "| --- |" + " --- |" * len(ipcs)]
+        for m in _order(results):
+            cells = []
+            for i in ipcs:
+                r = by.get((m, i))
+                c = (r or {}).get("copies") or {}
+                cells.append(" / ".join(_copy(c.get(space)) for space in ("pixels", "features")) if r else "-")
+            lines.append(f"| {by_label(results, m)} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _copy(stats: dict | None) -> str:
+    if not stats or not stats["nn_ratio_median"]["n"]:
+        return "-"
+    frac = stats["frac_closer_than_any_train_pair"]["mean"]
+    return f"{'n/a' if frac is None else f'{frac:.2f}'}, {stats['nn_ratio_median']['mean']:.2f}"
+
+
+# The tables a document can ask for with <!-- results:NAME begin --> ... <!-- results:NAME end -->.
+BLOCKS = {"headline": ("main", "variants"), "full": ("commands", "main", "ladder", "variants", "metrics", "copies")}
+
+
+def blocks(results: dict) -> dict[str, str]:
+    return {name: markdown(results, parts) for name, parts in BLOCKS.items()}
 
 
 def _order(results: dict) -> list[str]:
