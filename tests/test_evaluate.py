@@ -427,6 +427,15 @@ def test_tuning_choice_is_the_best_mean_on_the_tuning_seeds(tmp_path):
     assert result["chosen"]["manifoldgd"]["variant"] == "mgd_t00"  # a tie keeps the earlier (published) one
     text = tune.defaults_yaml(result["chosen"], "x.json")
     assert "manifold:" in text and "(the published setting)" in text
+    import yaml
+    parsed = yaml.safe_load(text)
+    chosen_mgd3 = {k.split(".")[1]: v for k, v in table["mgd3_t02"][1].items()
+                   if tune.SPACES["mgd3"].published[k] != v}
+    assert parsed["mode"]["sampler"] == chosen_mgd3 and parsed["manifold"] == {}
+    result.update({"protocol": {**tune.DEFAULTS, "budget": 3}, "student": "s", "command": "c"})
+    md = tune.tuning_markdown(result)
+    assert "| **mgd3_t02, chosen** |" in md and "| mgd3_t00 (published) |" in md
+    assert md.index("mgd3_t02") < md.index("mgd3_t00 (published)") < md.index("mgd3_t01")  # best first
     (tmp_path / "cells" / "mgd_t02" / "ipc10_seed11_convnet.json").unlink()
     assert "manifoldgd" not in tune.choose(tmp_path, table, 10, [10, 11])["chosen"]  # no choice on a missing cell
 

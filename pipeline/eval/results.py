@@ -82,15 +82,19 @@ BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) begin[^>]*-->\n)(?P<body>.*
 
 def rewrite_blocks(path: Path, blocks: dict[str, str]) -> list[str]:
     """Replace the body of every ``<!-- results:NAME begin ... -->`` ... ``<!-- results:NAME end -->`` block
-    of ``path`` whose NAME is in ``blocks``; returns the names replaced. A block name not in ``blocks``
-    is an error (a document asking for a table this report cannot make)."""
+    of ``path`` whose NAME is in ``blocks`` (other blocks are another writer's: left alone); returns the
+    names replaced. A file with no block this writer knows is an error (a typo, or the wrong file)."""
     text = Path(path).read_text()
-    names = [m.group("name") for m in BLOCK.finditer(text)]
-    unknown = sorted(set(names) - set(blocks))
-    if unknown:
-        raise ValueError(f"{path}: no table named {', '.join(unknown)} (tables: {', '.join(sorted(blocks))})")
-    new = BLOCK.sub(lambda m: m.group(1) + blocks[m.group("name")].rstrip("\n") + "\n" + m.group(4), text)
-    Path(path).write_text(new)
+    names = [m.group("name") for m in BLOCK.finditer(text) if m.group("name") in blocks]
+    if not names:
+        raise ValueError(f"{path}: no <!-- results:NAME begin --> block with NAME one of {', '.join(sorted(blocks))}")
+
+    def body(m):
+        if m.group("name") not in blocks:
+            return m.group(0)
+        return m.group(1) + blocks[m.group("name")].rstrip("\n") + "\n" + m.group(4)
+
+    Path(path).write_text(BLOCK.sub(body, text))
     return names
 
 

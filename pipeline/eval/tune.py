@@ -3,6 +3,8 @@
     python -m pipeline.eval.tune run    --out runs/tune_mnist10k      # the sweep (a benchmark with variants)
     python -m pipeline.eval.tune choose --out runs/tune_mnist10k \\
         --results docs/results/mnist10k_tuning.json --write-defaults   # pick on val, write the tuned defaults
+    python -m pipeline.eval.tune report --results docs/results/mnist10k_tuning.json \
+        --into docs/evaluation.md                                       # the sweep's table, from the file alone
 
 Each method gets the same budget: its published setting plus ``budget - 1`` other settings of its own
 grid, drawn as a seeded Latin hypercube (every value of every knob is tried). MGD3 is tuned over lambda and
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.eval.cells import cell_path
+from pipeline.eval.results import rewrite_blocks
 from pipeline.eval.stats import mean_std
 
 
@@ -124,6 +127,7 @@ def choose(out: Path, table: dict[str, tuple[str, dict]], ipc: int, seeds: list[
 
 
 GUIDANCE = {"mgd3": "mode", "manifoldgd": "manifold"}
+DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "priors" / "mnist10k" / "distill_defaults.yaml"
 
 
 def defaults_yaml(chosen: dict, results_path: str) -> str:
@@ -149,15 +153,42 @@ def defaults_yaml(chosen: dict, results_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_markdown(result: dict) -> str:
+    """Every setting tried, per method, best first: its val top-1 per tuning seed and mean; the choice marked."""
+    proto = result["protocol"]
+    lines = [f"Made by `{result['command']}` (then `python -m pipeline.eval.tune choose`); students "
+             f"`{result['student']}`; scored on `{proto['test']}`, IPC {proto['ipc']}, seeds {proto['seeds']}; "
+             f"{proto['budget']} settings per method.", ""]
+    for base, rows in result["settings"].items():
+        chosen = result["chosen"].get(base, {}).get("variant")
+        published = SPACES[base].published
+        knobs = list(expand(published))
+        lines += [f"{base} (published: " + ", ".join(f"{k} {published[k]}" for k in knobs) + ")", "",
+                  "| setting | " + " | ".join(k.split(".")[-1] for k in knobs) + " | val top-1 per seed | mean |",
+                  "| --- |" + " --- |" * (len(knobs) + 2)]
+        for r in sorted(rows, key=lambda r: -(r["val_top1"]["mean"] or 0)):
+            name = r["variant"] + (" (published)" if r["settings"] == expand(published) else "")
+            name = f"**{name}, chosen**" if r["variant"] == chosen else name
+            seeds = " / ".join(f"{v:.1f}" for _, v in sorted(r["per_seed"].items(), key=lambda kv: int(kv[0])))
+            mean = "-" if r["val_top1"]["mean"] is None else f"{r['val_top1']['mean']:.2f}"
+            lines.append(f"| {name} | " + " | ".join(str(r["settings"][k]) for k in knobs) + f" | {seeds} | {mean} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.eval.tune", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("run", "choose", "variants"))
+    p.add_argument("action", choices=("run", "choose", "report", "variants"),
+                   help="run the sweep; choose from its cells; report = tables from the --results file alone")
     p.add_argument("--out", default="runs/tune_mnist10k")
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), default=value)
-    p.add_argument("--results", help="choose: write every setting's val score and the choice here (JSON)")
+    p.add_argument("--results", help="choose: write every setting's val score and the choice here (JSON); "
+                   "report: read it")
     p.add_argument("--write-defaults", action="store_true",
                    help="choose: write the winners into pipeline/priors/mnist10k/distill_defaults.yaml")
+    p.add_argument("--into", action="append", default=[], metavar="FILE",
+                   help="rewrite the <!-- results:tuning begin/end --> block of FILE with the sweep's table")
     args = p.parse_args(argv)
     table = variants(args.budget, args.seed)
     if args.action == "variants":
@@ -166,23 +197,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.action == "run":
         from pipeline.cli import main as cli_main  # noqa: PLC0415 (the CLI's command table is imported lazily)
         return cli_main(benchmark_argv(args))
-    from pipeline.eval.benchmark import parse_seeds  # noqa: PLC0415
-    result = choose(Path(args.out), table, args.ipc, parse_seeds(args.seeds))
-    result.update({"protocol": {k: getattr(args, k) for k in DEFAULTS}, "student": " ".join(STUDENT),
-                   "command": "python -m pipeline.eval.tune run " + " ".join(f"--{k} {getattr(args, k)}" for k in DEFAULTS)})
-    for base, rows in result["settings"].items():
-        for r in sorted(rows, key=lambda r: -(r["val_top1"]["mean"] or 0)):
-            print(f"{base:10s} {r['variant']}  val {r['val_top1']['mean']}  {r['settings']}")
-    if set(result["chosen"]) != set(SPACES):
-        print("not every setting has a cell for every tuning seed: run the sweep first", file=sys.stderr)
-        return 1
-    if args.results:
+    if args.action == "report":
+        result = json.loads(Path(args.results).read_text())
+    else:
+        from pipeline.eval.benchmark import parse_seeds  # noqa: PLC0415
+        result = choose(Path(args.out), table, args.ipc, parse_seeds(args.seeds))
+        result.update({"protocol": {k: getattr(args, k) for k in DEFAULTS}, "student": " ".join(STUDENT),
+                       "command": "python -m pipeline.eval.tune run "
+                       + " ".join(f"--{k} {getattr(args, k)}" for k in DEFAULTS)})
+        if set(result["chosen"]) != set(SPACES):
+            print("not every setting has a cell for every tuning seed: run the sweep first", file=sys.stderr)
+            return 1
+    print(tuning_markdown(result))
+    if args.results and args.action == "choose":
         Path(args.results).parent.mkdir(parents=True, exist_ok=True)
         Path(args.results).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    if args.write_defaults:
-        path = Path(__file__).resolve().parents[1] / "priors" / "mnist10k" / "distill_defaults.yaml"
-        path.write_text(defaults_yaml(result["chosen"], args.results or "(not written)"))
-        print(f"wrote {path}")
+    if args.write_defaults and args.action == "choose":
+        DEFAULTS_FILE.write_text(defaults_yaml(result["chosen"], args.results or "(not written)"))
+        print(f"wrote {DEFAULTS_FILE}")
+    for path in args.into:
+        rewrite_blocks(Path(path), {"tuning": tuning_markdown(result)})
+        print(f"rewrote the tuning block in {path}")
     return 0
 
 
