@@ -51,7 +51,7 @@ SPACES = {
          "sampler.normal_weight": (0.0, 0.25, 0.5),
          "annealing": tuple(ANNEAL.values())}),
 }
-DEFAULTS = {"budget": 12, "seed": 0, "ipc": 10, "seeds": "10", "test": "mnist10k:val", "data": "mnist10k"}
+DEFAULTS = {"budget": 12, "seed": 0, "ipc": 10, "seeds": "10-10", "test": "mnist10k:val", "data": "mnist10k"}
 STUDENT = ["--profile", "fast", "--student", "width=32", "--student", "hflip=false", "--features", "none"]
 
 
