@@ -93,6 +93,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def head_port_flags() -> list[str]:
+    """``ray start --head`` flags giving each of the head's other ports a free one of its own: another Ray on
+    this machine (a user's, a test's) holds the defaults. Pass ``--port`` and ``--dashboard-port`` besides."""
+    return [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+
+
 def wait_for_dashboard(port: int, proc, timeout: float = 120.0) -> None:
     """Until a `ray start --head` process's dashboard answers (or it exits, or the timeout)."""
     deadline = time.time() + timeout

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, stop_process_group, wait_for_dashboard, write_image_folder
+from conftest import free_port, head_port_flags, stop_process_group, wait_for_dashboard, write_image_folder
 
 pytestmark = pytest.mark.cluster
 BIN = Path(sys.executable).parent
@@ -50,10 +50,7 @@ def test_ray_job_submit(tmp_path, tiny_prior):
     env = _env()
     # `ray start --block` in its own process group: stopping it ends this cluster only (`ray stop` would
     # end every Ray process on the machine, other users' included).
-    # Every port of its own: another Ray on this machine (a user's, a test's) holds the defaults.
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
+    ports = head_port_flags()
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", "--num-cpus=2", *ports,
                              "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats",
                              f"--temp-dir={tempfile.mkdtemp(prefix='rayjob', dir='/tmp')}"], env=env, start_new_session=True,

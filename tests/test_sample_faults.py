@@ -87,6 +87,50 @@ def test_a_unit_that_keeps_failing_ends_the_run_with_one_clear_error(tmp_path, p
     assert not unit_part(out, first.uid).exists() and not any(out.train.glob("*/_SUCCESS"))
 
 
+def test_an_actor_killed_for_good_is_replaced_and_changes_no_byte(tmp_path, prior, clean, ray_session, monkeypatch):
+    _faults(monkeypatch, tmp_path, kill_units=[1])  # ray.kill(no_restart=True) of the actor running unit 1
+    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+    cfg.runtime.sample_actors = 1  # no other actor to fall back on: the run ends only if one replaces it
+    res = sample_stage(cfg, CLASSES, LABELS, out)
+    assert len(list((tmp_path / "markers").glob("kill-*"))) == 1
+    by_unit = {r["uid"][:7]: r["actor_id"] for r in res["units"]}
+    assert len(by_unit) == 2 and by_unit["u000000"] != by_unit["u000001"]  # a new actor, not a restart
+    assert _tree(out) == clean
+
+
+def test_a_unit_over_the_timeout_is_retried_on_its_restarted_actor(tmp_path, prior, clean, ray_session, monkeypatch,
+                                                                    capsys):
+    _faults(monkeypatch, tmp_path, hang_units=[1], hang_s=600)  # unit 1's first try never ends by itself
+    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+    cfg.runtime.sample_actors, cfg.runtime.unit_timeout_s = 1, 5.0
+    start = time.monotonic()
+    res = sample_stage(cfg, CLASSES, LABELS, out)
+    assert time.monotonic() - start < 120
+    assert len(list((tmp_path / "markers").glob("hang-*"))) == 1
+    by_unit = {r["uid"][:7]: r["actor_id"] for r in res["units"]}
+    assert len(by_unit) == 2 and by_unit["u000000"] == by_unit["u000001"]  # Ray restarted it: same actor
+    second = make_units(CLASSES, LABELS, IPC, MAX_BATCH)[1]
+    log = capsys.readouterr().out
+    assert f"unit {second.uid} (3 samples; classes b, c) ran over runtime.unit_timeout_s=5s" in log
+    assert f"unit {second.uid} (3 samples; classes b, c) failed (attempt 1/3): ran over runtime.unit_timeout_s=5s" in log
+    assert _tree(out) == clean
+
+
+def test_a_unit_that_always_times_out_ends_the_run_with_one_clear_error(tmp_path, prior, ray_session, monkeypatch):
+    _faults(monkeypatch, tmp_path, delay_s=600)  # every unit, every try
+    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+    cfg.runtime.sample_actors, cfg.runtime.unit_timeout_s, cfg.runtime.max_unit_attempts = 1, 2.0, 2
+    start = time.monotonic()
+    with pytest.raises(UnitFailedError) as err:
+        sample_stage(cfg, CLASSES, LABELS, out)
+    assert time.monotonic() - start < 120
+    msg = str(err.value)
+    first = make_units(CLASSES, LABELS, IPC, MAX_BATCH)[0]
+    assert msg == (f"sampling unit {first.uid} (3 samples; classes a, b) failed 2 time(s); "
+                   "last error: ran over runtime.unit_timeout_s=2s"), msg
+    assert not any(out.train.glob("*/_SUCCESS"))
+
+
 def test_runtime_fields_are_not_hashed_and_are_checked():
     from pipeline.config import ConfigError, validate
 

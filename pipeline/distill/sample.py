@@ -147,8 +147,11 @@ def finalize_class(out: OutputDir, class_name: str, uids: list[str], ipc: int) -
 class _Faults:
     """Test-only fault injection, from ``$MANIFOLDGD_TEST_FAULTS`` on the driver (JSON):
     ``{"dir": marker folder, "raise_once_per_class": true, "raise_always": true,
-    "exit_units": [unit index, ...], "delay_s": seconds per unit}``. Markers in ``dir`` make "once" hold
-    across actor restarts; ``exit_units`` ends the actor's process (os._exit) on a unit's first try."""
+    "exit_units": [unit index, ...], "kill_units": [...], "hang_units": [...], "hang_s": seconds,
+    "delay_s": seconds per unit}``. Markers in ``dir`` make "once" hold across actor restarts. On a unit's
+    first try: ``exit_units`` ends the actor's process (os._exit: Ray restarts it), ``kill_units`` kills the
+    actor for good (``ray.kill(no_restart=True)``: the driver must replace it), ``hang_units`` sleeps
+    ``hang_s`` (for ``runtime.unit_timeout_s``)."""
 
     def __init__(self, spec: dict | None):
         self.spec = spec or {}
@@ -168,6 +171,11 @@ class _Faults:
         index = int(unit["uid"][1:7]) if unit["uid"].startswith("u") else -1
         if index in self.spec.get("exit_units", []) and self._first(f"exit-{unit['uid']}"):
             os._exit(1)
+        if index in self.spec.get("kill_units", []) and self._first(f"kill-{unit['uid']}"):
+            ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+            time.sleep(600)  # the kill is asynchronous: never finish the unit before it lands
+        if index in self.spec.get("hang_units", []) and self._first(f"hang-{unit['uid']}"):
+            time.sleep(float(self.spec.get("hang_s", 600)))
         if self.spec.get("raise_once_per_class"):
             fresh = [c for c in dict.fromkeys(r[0] for r in unit["rows"]) if self._first(f"raise-{c}")]
             if fresh:
@@ -256,6 +264,7 @@ class ClassSampler:
         atomic_write_table(unit_part(out, unit["uid"]), pa.table(table))
         return {"uid": unit["uid"], "images": len(rows), "classes": list(dict.fromkeys(r[0] for r in rows)),
                 "seconds": time.perf_counter() - start, "ended_at": time.time(), "node_id": self.node_id(),
+                "actor_id": ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None,
                 "device": self.device,
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []}
 
@@ -291,7 +300,7 @@ class _Pool:
         self.deferred: list = []  # (monotonic time, actor): restarting actors to ask again after a pause
         self.idle: list = []
         self.busy: dict = {}  # run_unit ref -> (actor, unit, started)
-        self.timed_out: set = set()  # run_unit refs whose actor was killed for running over the timeout
+        self.timed_out: dict = {}  # run_unit ref -> the timeout it ran over (its actor was restarted)
         self.start_failures, self.last_start_error = 0, None
         self.ever_ready = False
         self.nodes: set[str] = set()
@@ -457,7 +466,7 @@ def _check_timeouts(pool: _Pool, timeout_s: float) -> None:
     for ref, (actor, unit, started) in list(pool.busy.items()):
         if now - started > timeout_s and ref not in pool.timed_out:
             log(f"sample: {unit.describe()} ran over runtime.unit_timeout_s={timeout_s:g}s; restarting its actor")
-            pool.timed_out.add(ref)  # its error (the actor died) is on the way
+            pool.timed_out[ref] = timeout_s  # its error (the actor restarted under it) is on the way
             ray.kill(actor, no_restart=False)
 
 
@@ -484,22 +493,22 @@ def _on_ready(pool: _Pool, ref, max_attempts: int, target: int) -> None:
 
 def _on_unit(pool: _Pool, ref, queue: deque, attempts: dict, max_attempts: int) -> dict | None:
     actor, unit, _ = pool.busy.pop(ref)
-    timed_out = ref in pool.timed_out
-    pool.timed_out.discard(ref)
+    timeout_s = pool.timed_out.pop(ref, None)
+    timed_out = timeout_s is not None
     try:
         res = ray.get(ref, timeout=POLL_S)
     except Exception as exc:  # any failure of a unit is retried up to the limit
         attempts[unit.uid] = attempts.get(unit.uid, 0) + 1
-        note = " (timed out)" if timed_out else ""
+        # A timed-out unit's own error only says that its actor restarted under it: name the real cause.
+        cause = f"ran over runtime.unit_timeout_s={timeout_s:g}s" if timed_out else _cause(exc)
         if attempts[unit.uid] >= max_attempts:
-            message = (f"sampling {unit.describe()} failed {attempts[unit.uid]} time(s){note}; "
-                       f"last error: {_cause(exc)}")
+            message = f"sampling {unit.describe()} failed {attempts[unit.uid]} time(s); last error: {cause}"
             log(f"sample: {message}")
             if isinstance(exc, OSError):
                 raise  # disk full, permissions: the CLI reports these with the path and the resume hint
             raise UnitFailedError(message) from exc
-        log(f"sample: {unit.describe()} failed (attempt {attempts[unit.uid]}/{max_attempts}){note}: "
-            f"{_cause(exc)}; retrying it")
+        log(f"sample: {unit.describe()} failed (attempt {attempts[unit.uid]}/{max_attempts}): "
+            f"{cause}; retrying it")
         queue.appendleft(unit)
         if isinstance(exc, (RayActorError, GetTimeoutError)) or timed_out:
             pool.restart(actor)  # Ray may be restarting it: no work until it answers ready()
