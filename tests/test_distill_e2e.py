@@ -75,6 +75,24 @@ def test_different_config_refuses_the_folder(distilled, tiny_prior, capsys):
     assert "different config" in capsys.readouterr().err
 
 
+def test_a_folder_made_on_another_device_kind_is_not_resumed(distilled, tiny_prior, tmp_path, capsys):
+    """The device kind is not hashed but changes bytes: a resume on the other kind is refused, by name."""
+    data, out = distilled
+    assert json.loads((out / "_work" / "device.json").read_text()) == {"device": "cpu"}
+    moved = tmp_path / "run"
+    shutil.copytree(out, moved)
+    (moved / "_work" / "device.json").write_text(json.dumps({"device": "cuda"}))
+    shutil.rmtree(moved / "train" / "eel")  # an unfinished class this run would otherwise sample on CPU
+    assert main(_args(data, moved, tiny_prior)) == 2
+    err = capsys.readouterr().err
+    assert "made on cuda and this run would use cpu" in err and "runtime.device=cuda" in err
+    assert not (moved / "train" / "eel").exists()
+    # --overwrite starts the folder again on this device: the CPU bytes, whole
+    assert main(_args(data, moved, tiny_prior, "--overwrite")) == 0
+    assert _snapshot(moved) == _snapshot(out)
+    assert json.loads((moved / "_work" / "device.json").read_text()) == {"device": "cpu"}
+
+
 def test_guidance_changes_images_but_not_the_noise(distilled, tiny_prior, tmp_path):
     data, out = distilled
     other = tmp_path / "none"

@@ -211,6 +211,7 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
         # After ray.init, which installs its own handler: SIGTERM (kubectl delete, a job timeout) unwinds
         # like Ctrl-C, so temp files are removed and the next run resumes.
         signal.signal(signal.SIGTERM, _raise_interrupt)
+    out.check_device(cfg, "cuda" if cfg.runtime.use_gpu(ray.cluster_resources().get("GPU", 0)) else "cpu", overwrite)
     timings["ray_init"] = time.perf_counter() - t0
 
     t = time.perf_counter()
