@@ -311,7 +311,7 @@ def one_size(classes: int, args, variant: str = "overlap") -> dict:
     n_files = listing.num_items
     plan_work = sum(r["seconds"] for r in plans)
     unit_work = sum(r["seconds"] for r in units)
-    unit_slots = min(slots, max(len(units), 1))
+    unit_slots = min(args.sample_actors or slots, max(len(units), 1))  # sampling actors (sample_stage's count)
     sizes = {name: folder_size(out.root / rel) for name, rel in
              (("manifest", "manifest.parquet"), ("latents", "_work/latents"),
               ("centroids", "_work/centroids"), ("train", "train"))}
