@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -175,6 +176,7 @@ def capture(module, name: str, sink: dict):
     original = getattr(module, name)
 
     def wrapper(*args, **kwargs):
+        sink[f"{name}_called_at"] = time.time()
         result = original(*args, **kwargs)
         sink[name] = result
         return result
@@ -274,7 +276,7 @@ def one_size(classes: int, args, variant: str = "overlap") -> dict:
 
     own_ray = not ray.is_initialized()  # --smoke runs both variants on one Ray (the tests': their session's)
     if own_ray:
-        ray.init(address="local", num_cpus=args.cpus, object_store_memory=args.store_mib * MiB,
+        ray.init(address="local", num_cpus=args.cpus, num_gpus=args.gpus, object_store_memory=args.store_mib * MiB,
                  include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     stages: dict = {}
     original = {name: getattr(distill, name) for name in ("sample_stage", "submit_plans")}
@@ -308,6 +310,13 @@ def one_size(classes: int, args, variant: str = "overlap") -> dict:
         plan_and_sample = plan_s + st["plan_and_sample"]
     else:
         plan_s, overlap_s, plan_and_sample = st["plan"], st["plan_sample_overlap"], st["plan_and_sample"]
+    # When units really ran (their own clocks: ended_at - seconds), against the end of stage 2: what the
+    # overlap bought is the unit work done while plans were still running.
+    called = stages["sample_stage_called_at"]
+    plans_done_at = called + (st["plan"] if variant == "overlap" else 0.0)
+    unit_starts = [r["ended_at"] - r["seconds"] - called for r in units]
+    before_plans_done = sum(min(r["seconds"], max(0.0, plans_done_at - (r["ended_at"] - r["seconds"])))
+                            for r in units)
     n_files = listing.num_items
     plan_work = sum(r["seconds"] for r in plans)
     unit_work = sum(r["seconds"] for r in units)
@@ -327,6 +336,9 @@ def one_size(classes: int, args, variant: str = "overlap") -> dict:
         "plan_work_per_class_s": plan_work / classes,
         "plan_overhead_per_class_s": (plan_s * min(slots, classes) - plan_work) / classes,
         "units": len(units),
+        "first_unit_start_s": min(unit_starts, default=0.0),
+        "unit_work_before_plans_done_s": before_plans_done,
+        "gpus": args.gpus,
         "unit_work_s": unit_work / max(len(units), 1),
         "unit_overhead_s": (st["sample"] * unit_slots - unit_work) / max(len(units), 1),
         "read_class_latents_s": read_cost(out, listing.classes),
@@ -365,12 +377,13 @@ def jpeg_like_imagenet(seed: int = 0) -> bytes:
 def class_costs(args) -> dict:
     """CPU seconds of stage 2 for one ImageNet-sized class (1,300 x 4,096 latents), on one thread, and
     the one-core rate of decoding + preprocessing ImageNet-sized JPEGs to 256 px."""
+    import dataclasses
     import importlib.util
 
     from threadpoolctl import threadpool_limits
 
     from ops.selection import select_ipc_nodes
-    from pipeline.config import build_config, validate
+    from pipeline.config import build_config, load_yaml, validate
     from pipeline.distill.plan import plan_class
     from pipeline.inputs.preprocess import decode_image
 
@@ -381,7 +394,8 @@ def class_costs(args) -> dict:
     out: dict = {"class_images": 1300, "latent_dim": 4096, "threads": 1}
     with threadpool_limits(1):  # one plan task holds one CPU
         for ipc in (10, 50):
-            cfg = validate(build_config({"ipc": ipc}), need_paths=False)
+            cfg = validate(build_config(load_yaml(f"imagenet1k_ipc{ipc}")), need_paths=False)  # the presets'
+            out[f"config_ipc{ipc}"] = {"tangent": dataclasses.asdict(cfg.tangent), "cluster": dataclasses.asdict(cfg.cluster)}
             start = time.perf_counter()
             select_ipc_nodes(X, ipc, seed=0)
             out[f"select_ipc_nodes_ipc{ipc}_s"] = time.perf_counter() - start
@@ -413,70 +427,118 @@ DATASETS = (  # (name, classes, train images)
 DIT_XL_FORWARD_TFLOP = 0.2373   # = 2 x DiT's 118.6 "Gflops", which are multiply-adds
 VAE_ENCODE_TFLOP = 0.273
 VAE_DECODE_TFLOP = 0.622
+# Stage 2 of one 1,300 x 4,096 class at IPC 50 on one H200 with CuPy 14.2 and the Gram route: tree + selection
+# 0.46 s + 50 annealed tangent plans 0.42 s (docs/scale.md, "First GPU figures"; python bench/ops.py --only
+# routes,stage2 on the lent machine, 2026-11-30). IPC 10 was not measured on the GPU.
+PLAN_GPU_IPC50_S = 0.88
 
 
-def capacity(costs: dict, scale: dict | None, a) -> tuple[list[dict], str]:
-    """Hours per stage for each dataset x IPC x GPU count under the stated assumptions (an estimate)."""
-    import math
+def plan_and_sample_s(classes: int, ipc: int, max_batch: int, gpus: int, t_unit: float, load: float,
+                      plan_done, planning_gpus: int) -> float:
+    """Seconds from the start of stage 2 to the last unit, stages overlapped, by a small list schedule: units
+    in order (cross-class, ``max_batch`` samples each), each to the first free sampling actor, started once
+    the plans of its classes exist (``plan_done(i)``: when class i's plan is written). ``planning_gpus`` GPUs
+    plan and take no actor until the last plan (sample_stage's actor_limit); every actor loads the model
+    (``load`` s) once it is placed."""
+    import heapq
 
+    last_plan = plan_done(classes - 1)
+    ready = [load] * (gpus - planning_gpus) + [last_plan + load] * planning_gpus
+    heapq.heapify(ready)
+    end = 0.0
+    for j in range(math.ceil(classes * ipc / max_batch)):
+        last_class = min(classes - 1, ((j + 1) * max_batch - 1) // ipc)
+        free = heapq.heappop(ready)
+        finish = max(free, plan_done(last_class)) + t_unit
+        heapq.heappush(ready, finish)
+        end = max(end, finish)
+    return end
+
+
+def capacity(costs: dict, a) -> tuple[list[dict], str]:
+    """Hours per stage for each dataset x IPC x GPU count under the stated deployment (an estimate)."""
     per_gpu = a.peak_tflops * a.efficiency                       # TFLOP/s achieved per GPU (assumed)
     sample_tflop = 2 * a.steps * DIT_XL_FORWARD_TFLOP + VAE_DECODE_TFLOP  # CFG: two forwards per step
-    overhead_plan = scale["plan_overhead_per_class_s"] if scale else 0.0
-    overhead_sample = scale["sample_overhead_per_class_s"] if scale else 0.0
     rows = []
     for name, classes, images in DATASETS:
         per_class_images = images / classes
         for ipc in (10, 50):
-            # stage 2's divisive tree costs about linearly in the class's images (fixed leaves)
-            t_class = costs[f"plan_class_ipc{ipc}_s"] * per_class_images / costs["class_images"]
+            # stage 2 costs about linearly in the class's images (fixed leaves); on the GPU, IPC 10 is scaled
+            # from the measured IPC 50 by the CPU's IPC 10 / IPC 50 ratio (not measured on a GPU)
+            size = per_class_images / costs["class_images"]
+            t_cpu = costs[f"plan_class_ipc{ipc}_s"] * size + a.plan_overhead_s
+            t_gpu = (a.plan_gpu_ipc50_s * costs[f"plan_class_ipc{ipc}_s"] / costs["plan_class_ipc50_s"] * size
+                     + a.plan_overhead_s)
+            samples = classes * ipc
+            units = math.ceil(samples / a.max_batch)                  # cross-class units, classes in label order
+            t_unit = a.max_batch * sample_tflop / per_gpu + a.unit_overhead_s
             for gpus in (1, 8, 32):
-                cores = gpus * a.cores_per_gpu
+                # one GPU and cpus_per_gpu CPUs per pod; a VAE actor or a sampling actor holds one of them
+                cores = gpus * (a.cpus_per_gpu - 1)
                 enc_gpu = images * VAE_ENCODE_TFLOP / (gpus * per_gpu)
                 enc_cpu = images / (cores * costs["jpeg_decode_per_s_one_core"])
                 enc_io = images * a.jpeg_kb * 1e3 / (a.storage_gbps * 1e9)
                 encode = max(enc_gpu, enc_cpu, enc_io) + a.stage_start_s
-                plan = math.ceil(classes / cores) * (t_class + overhead_plan)
-                # one class goes through one actor (one GPU): fewer classes than GPUs leaves GPUs idle
-                sample = (math.ceil(classes / gpus) * (ipc * sample_tflop / per_gpu + overhead_sample)
-                          + a.model_load_s)
-                stages = {"encode": encode, "plan": plan, "sample": sample}
-                bound = max(stages, key=stages.get)
-                if bound == "encode":
+                # (a) runtime.gpus_per_plan_task 0.25 (the default): CuPy plans on a GPU share, in class order;
+                # while plans remain the sampling actors leave one GPU to them (one GPU: plans, then sampling)
+                both_gpu = plan_and_sample_s(classes, ipc, a.max_batch, gpus, t_unit, a.model_load_s,
+                                             lambda i: (i + 1) * t_gpu, 1)
+                # (b) runtime.gpus_per_plan_task 0: numpy plans on the pods' free CPUs; every GPU samples
+                both_cpu = plan_and_sample_s(classes, ipc, a.max_batch, gpus, t_unit, a.model_load_s,
+                                             lambda i, c=cores: (i // c + 1) * t_cpu, 0)
+                plan_gpu, plan_cpu = classes * t_gpu, math.ceil(classes / cores) * t_cpu
+                # for reference, the stages as barriers: plans on every GPU's share, then load, then sample
+                sample_only = a.model_load_s + math.ceil(units / gpus) * t_unit
+                barrier = math.ceil(classes / gpus) * t_gpu + sample_only
+                if encode >= both_gpu:
                     limits = {"VAE": enc_gpu, "JPEG decode": enc_cpu, "storage": enc_io}
-                    bound += f" ({max(limits, key=limits.get)})"
-                rows.append({"dataset": name, "ipc": ipc, "gpus": gpus, **stages,
-                             "total": sum(stages.values()) + a.ray_start_s, "bound": bound,
-                             "gpus_used_sampling": min(gpus, classes)})
-    lines = ["| dataset | IPC | GPUs | encode h | plan h | sample h | total h | bound by |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                    bound = f"encode ({max(limits, key=limits.get)})"
+                else:  # the longer of the two: planning (on one GPU while G - 1 sample) or sampling alone
+                    bound = "plan (sampling waits for it)" if plan_gpu >= sample_only else "sample"
+                rows.append({"dataset": name, "ipc": ipc, "gpus": gpus, "units": units, "encode": encode,
+                             "plan_gpu": plan_gpu, "plan_cpu": plan_cpu, "sample_only": sample_only,
+                             "both_gpu": both_gpu, "both_cpu": both_cpu, "barrier": barrier,
+                             "total": encode + both_gpu + a.ray_start_s,
+                             "total_cpu_plans": encode + both_cpu + a.ray_start_s,
+                             "bound": bound, "idle_gpus": max(0, gpus - units)})
+    lines = ["| dataset | IPC | GPUs | units | encode h | plan h (GPU share / CPUs) | plan + sample h, overlapped "
+             "(default / plans on CPUs) | barrier h | total h (default / plans on CPUs) | bound by |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        idle_gpus = r["gpus"] - r["gpus_used_sampling"]
-        idle = f"; {idle_gpus} GPUs idle while sampling" if idle_gpus else ""
-        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['gpus']} | {r['encode'] / 3600:.3f} | "
-                     f"{r['plan'] / 3600:.3f} | {r['sample'] / 3600:.3f} | {r['total'] / 3600:.2f} | "
-                     f"{r['bound']}{idle} |")
+        idle = f"; {r['idle_gpus']} GPUs idle while sampling" if r["idle_gpus"] else ""
+        lines.append(f"| {r['dataset']} | {r['ipc']} | {r['gpus']} | {r['units']} | {r['encode'] / 3600:.3f} | "
+                     f"{r['plan_gpu'] / 3600:.3f} / {r['plan_cpu'] / 3600:.3f} | "
+                     f"{r['both_gpu'] / 3600:.3f} / {r['both_cpu'] / 3600:.3f} | {r['barrier'] / 3600:.3f} | "
+                     f"{r['total'] / 3600:.2f} / {r['total_cpu_plans'] / 3600:.2f} | {r['bound']}{idle} |")
     return rows, "\n".join(lines)
 
 
 def print_capacity(a, work: Path) -> None:
+    from pipeline.config import build_config, load_yaml
+
+    a.max_batch = a.max_batch or build_config(load_yaml("imagenet1k_ipc10")).sampler.max_batch  # the presets'
     costs_file = work / "results" / "class_costs.json"
     if not costs_file.exists() or a.remeasure:
         costs_file.parent.mkdir(parents=True, exist_ok=True)
         costs_file.write_text(json.dumps(class_costs(a), indent=2) + "\n")
     costs = json.loads(costs_file.read_text())
-    scale_file = work / "results" / "scale_1000.json"
-    scale = json.loads(scale_file.read_text()) if scale_file.exists() else None
-    print("measured here (one thread of this 2-core box):",
+    print("measured here (one thread of this machine):",
           ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in costs.items()
-                    if k != "load_average"))
-    if scale:
-        print(f"per-class overhead from the 1,000-class rehearsal: plan {scale['plan_overhead_per_class_s']:.3f} s, "
-              f"sample {scale['sample_overhead_per_class_s']:.3f} s")
+                    if k not in ("load_average", "config_ipc10", "config_ipc50")),
+          f"(load average {', '.join(f'{x:.1f}' for x in costs.get('load_average', []))})")
+    print(f"deployment: {a.gpu_name}, one GPU and {a.cpus_per_gpu} CPUs per worker pod, 1 / 8 / 32 pods "
+          f"(cluster_configs/kuberay-rayjob.yaml runs 8; kuberay-raycluster.yaml scales 0-32); a head pod with "
+          f"num-cpus 0 runs the driver; --out on the ReadWriteMany volume, data read at {a.storage_gbps} GB/s "
+          f"aggregate ({a.jpeg_kb:.0f} KB files)")
+    print(f"config: the imagenet presets with sampler.max_batch {a.max_batch} (units of {a.max_batch} samples, "
+          f"{2 * a.max_batch} rows with CFG), {a.steps} steps; runtime defaults (gpus_per_sample_actor 1, "
+          f"gpus_per_plan_task 0.25) unless the column says plans on CPUs (gpus_per_plan_task 0)")
     print(f"assumed: {a.peak_tflops:.0f} TFLOP/s peak bf16 x {a.efficiency:.0%} achieved = "
-          f"{a.peak_tflops * a.efficiency:.0f} TFLOP/s per GPU; {a.cores_per_gpu} CPU cores per GPU; "
-          f"storage {a.storage_gbps} GB/s for {a.jpeg_kb:.0f} KB JPEGs; {a.model_load_s:.0f} s model load; "
-          f"{a.stage_start_s:.0f} s encode start; {a.ray_start_s:.0f} s Ray start; {a.steps} steps with CFG")
-    print(capacity(costs, scale, a)[1])
+          f"{a.peak_tflops * a.efficiency:.0f} TFLOP/s per GPU at that batch; stage 2 on a GPU share "
+          f"{a.plan_gpu_ipc50_s:g} s per 1,300-image class at IPC 50 (measured on an H200), one class at a time "
+          f"per GPU; {a.plan_overhead_s:g} s per plan task and {a.unit_overhead_s:g} s per unit of scheduling; "
+          f"{a.model_load_s:.0f} s model load; {a.stage_start_s:.0f} s encode start; {a.ray_start_s:.0f} s Ray start")
+    print(capacity(costs, a)[1])
 
 
 # --------------------------------------------------------------------------------------- table
@@ -501,6 +563,8 @@ ROWS = (
     ("overlap: sample span s", lambda r, b: r["sample_s"], "{:.1f}"),
     ("overlap: both running s", lambda r, b: r["plan_sample_overlap_s"], "{:.1f}"),
     ("overlap: plan + sample wall s", lambda r, b: r["plan_and_sample_s"], "{:.1f}"),
+    ("overlap: first unit started at s", lambda r, b: r["first_unit_start_s"], "{:.1f}"),
+    ("overlap: unit work done before the last plan s", lambda r, b: r["unit_work_before_plans_done_s"], "{:.1f}"),
     ("plan + sample: barrier / overlap", lambda r, b: b["plan_and_sample_s"] / r["plan_and_sample_s"], "{:.2f}"),
     ("total s (run.json, overlap run)", lambda r, b: r["timings_s"]["total"], "{:.1f}"),
     ("driver RSS MiB before run (listed, Ray up)", lambda r, b: r["driver_rss_before_run_mib"], "{:.0f}"),
@@ -574,7 +638,9 @@ def marginal(results: list[dict]) -> str:
 def report(results: list[dict], args) -> None:
     cpus = results[0]["cpus"] if results else "?"
     print(f"per class: {args.per_class} images of {args.image_px} px; IPC {args.ipc}; {args.steps} steps; "
-          f"max_batch {results[0]['max_batch'] if results else '?'}; {cpus} CPUs")
+          f"max_batch {results[0]['max_batch'] if results else '?'}; {cpus} CPUs"
+          + (f", {results[0]['gpus']} logical GPU(s) (no CUDA: Ray's scheduling only)" if results and results[0].get("gpus")
+             else ""))
     print(table(results))
     print(marginal(results))
     print(overlap_ratios(results))
@@ -592,9 +658,14 @@ def main(argv=None) -> list[dict] | None:
     ap.add_argument("--image-px", type=int, default=32)
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--max-batch", type=int, default=0, help="sampler.max_batch (0: the config's default)")
+    ap.add_argument("--max-batch", type=int, default=0,
+                    help="sampler.max_batch (0: the config's default; with --capacity, the presets')")
     ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--sample-actors", type=int, default=0, help="runtime.sample_actors (0: one per CPU)")
+    ap.add_argument("--sample-actors", type=int, default=0, help="runtime.sample_actors (0: one per CPU or GPU)")
+    ap.add_argument("--gpus", type=int, default=0,
+                    help="logical GPUs declared to Ray (no CUDA needed): stages then ask for GPUs as on a GPU "
+                         "cluster (plan tasks runtime.gpus_per_plan_task, sampling actors a whole one) and run on "
+                         "CPU; shows how Ray schedules the two stages, not GPU speed")
     ap.add_argument("--store-mib", type=int, default=1024, help="object store capacity given to Ray")
     ap.add_argument("--work", default="")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
@@ -605,9 +676,14 @@ def main(argv=None) -> list[dict] | None:
     cap = ap.add_argument_group("capacity table (an estimate from measured CPU costs and assumed GPU speed)")
     cap.add_argument("--capacity", action="store_true", help="print the capacity table and exit")
     cap.add_argument("--remeasure", action="store_true", help="measure the one-class CPU costs again")
+    cap.add_argument("--gpu-name", default="H100 / H200 SXM", help="what the deployment line calls the GPU")
     cap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200)")
-    cap.add_argument("--efficiency", type=float, default=0.40, help="fraction of peak achieved")
-    cap.add_argument("--cores-per-gpu", type=int, default=12)
+    cap.add_argument("--efficiency", type=float, default=0.40, help="fraction of peak achieved at max_batch")
+    cap.add_argument("--cpus-per-gpu", type=int, default=8, help="CPUs of a one-GPU worker pod (the manifests: 8)")
+    cap.add_argument("--plan-gpu-ipc50-s", type=float, default=PLAN_GPU_IPC50_S,
+                     help="stage 2 of a 1,300-image class at IPC 50 on one GPU (measured on an H200)")
+    cap.add_argument("--plan-overhead-s", type=float, default=0.005, help="scheduling per plan task")
+    cap.add_argument("--unit-overhead-s", type=float, default=0.05, help="scheduling and writing per unit")
     cap.add_argument("--storage-gbps", type=float, default=2.0, help="aggregate read rate of the images")
     cap.add_argument("--jpeg-kb", type=float, default=110.0, help="mean input file size")
     cap.add_argument("--model-load-s", type=float, default=60.0)
@@ -636,7 +712,7 @@ def main(argv=None) -> list[dict] | None:
 
         own_ray = not ray.is_initialized()
         if own_ray:
-            ray.init(address="local", num_cpus=args.cpus, object_store_memory=args.store_mib * MiB,
+            ray.init(address="local", num_cpus=args.cpus, num_gpus=args.gpus, object_store_memory=args.store_mib * MiB,
                      include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     if not args.report_only:
         for stale in results_dir.glob("scale_*.json"):  # a size's variants must come from this one run
@@ -644,7 +720,7 @@ def main(argv=None) -> list[dict] | None:
                 stale.unlink()
         passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}"
                        for k in ("per_class", "image_px", "ipc", "steps", "max_batch", "cpus", "sample_actors",
-                                 "store_mib", "work")]
+                                 "gpus", "store_mib", "work")]
         for n in sorted(wanted):
             for variant in variants:  # overlap first: the barrier run reuses its latents
                 print(f"--- {n} classes x {args.per_class} images, {variant} ({time.strftime('%H:%M:%S')})", flush=True)
