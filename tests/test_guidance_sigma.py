@@ -1,5 +1,7 @@
 """ops.guidance.guidance_sigma: `elementwise` reproduces the public code's guided update on a hand-made
-schedule; `scalar` is the sampler's per-sample geometric mean; where the two differ on DiT's schedule."""
+schedule; `scalar` is the sampler's per-sample geometric mean; where the two differ on DiT's schedule.
+Then `sampler.sigma` end to end: the sampler's default keeps its old bytes, elementwise moves them, and
+the config field is validated, hashed and passed to the sampler."""
 from __future__ import annotations
 
 import math
@@ -10,6 +12,7 @@ import torch
 
 from ops.guidance import guidance_sigma, guided_mean
 from ops.schedule import learned_range_log_variance, learned_std_spread, respaced_schedule, schedule_from_betas
+from pipeline.common.errors import ConfigError
 
 HAND_BETAS = [0.05, 0.2, 0.4]  # a 3-step process, small enough to write out by hand
 
@@ -61,7 +64,7 @@ def test_scalar_is_the_geometric_mean_of_the_elementwise_std_per_sample():
 
 
 def test_scalar_equals_the_samplers_formula_bit_for_bit():
-    # pipeline/sampler.py computes torch.exp(0.5 * log_var.flatten(1).mean(dim=1)).view(-1, 1, 1, 1).
+    # the sampler computed torch.exp(0.5 * log_var.flatten(1).mean(dim=1)).view(-1, 1, 1, 1) before sampler.sigma.
     sched = respaced_schedule()
     v = torch.rand(4, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
     log_var = learned_range_log_variance(sched, 30, v)
@@ -105,3 +108,84 @@ def test_numpy_and_torch_agree():
 def test_bad_sigma_mode():
     with pytest.raises(ValueError, match="sigma mode"):
         guidance_sigma(np.zeros((1, 2)), "per_channel")
+
+
+# ---------------------------------------------------------------- the sampler and the config field
+@pytest.fixture(scope="module")
+def tiny(tiny_prior):
+    from pipeline.models.loading import load_prior
+
+    return load_prior(str(tiny_prior), vae=None)
+
+
+def guided_run(prior, steps, **cfg):
+    """Final latents of 3 manifold-guided samples of class 2, and every step's StepInfo."""
+    from pipeline.models.sampler import GuidedSampler, SamplerConfig
+
+    n, dim = 3, prior.latent_dim
+    g = torch.Generator().manual_seed(7)
+    centroids = torch.randn(n, dim, generator=g)
+    bases, _ = torch.linalg.qr(torch.randn(n, dim, 2, generator=g))
+    seen = []
+    sampler = GuidedSampler(prior, SamplerConfig(guidance="manifold", num_steps=steps, guidance_scale=0.5, **cfg))
+    latents = sampler.sample_latents(2, range(n), centroids, bases, step_callback=seen.append)
+    return sampler, latents, seen, centroids, bases
+
+
+def test_scalar_default_is_the_samplers_formula_from_before_the_field(tiny):
+    """The default writes the bytes of the code before `sigma` existed: the guided mean is the old
+    torch.exp(0.5 * log_var.flatten(1).mean(dim=1)) formula, bit for bit, and "scalar" is the default."""
+    from ops.guidance import guidance_vector
+
+    sampler, latents, seen, c, u = guided_run(tiny, 6, t_stop=0)
+    checked = 0
+    for s in seen:
+        if s.guided_step is None:
+            continue
+        _, var_values = sampler.predict(s.x_t, 2, s.timestep)
+        log_var = learned_range_log_variance(sampler.schedule, s.index, var_values)
+        old_sigma = torch.exp(0.5 * log_var.flatten(1).mean(dim=1)).view(-1, 1, 1, 1)
+        g = guidance_vector("manifold", s.x0_hat.flatten(1), c, u).view_as(s.x_t)
+        assert torch.equal(s.guided_mean, s.mean + (0.5 * old_sigma) * g), s.index
+        checked += 1
+    assert checked == 5
+    assert torch.equal(latents, guided_run(tiny, 6, t_stop=0, sigma="scalar")[1])
+
+
+def test_elementwise_uses_the_steps_own_std_and_moves_the_latents(tiny):
+    """elementwise: mu + lambda std_i * g with std_i the step's per-coordinate noise std (the public
+    code's update); with t_stop 0 (steps down to i = 1, where the spread is largest) the final latents
+    differ from the scalar run's, while the noise and the unguided steps are the same."""
+    from ops.guidance import guidance_vector
+
+    _, scalar, _, _, _ = guided_run(tiny, 6, t_stop=0)
+    _, element, seen, c, u = guided_run(tiny, 6, t_stop=0, sigma="elementwise")
+    for s in seen:
+        if s.guided_step is None:
+            continue
+        assert s.sigma.shape == s.x_t.shape and torch.equal(s.sigma, s.noise_std)
+        g = guidance_vector("manifold", s.x0_hat.flatten(1), c, u).view_as(s.x_t)
+        torch.testing.assert_close(s.guided_mean, s.mean + 0.5 * s.noise_std * g, rtol=0, atol=1e-6)
+    assert (element - scalar).abs().max() > 1e-3 * scalar.abs().max()
+    # No guided step: the field changes nothing.
+    assert torch.equal(guided_run(tiny, 6, t_stop=5)[1], guided_run(tiny, 6, t_stop=5, sigma="elementwise")[1])
+
+
+def test_config_field_is_validated_hashed_and_reaches_the_sampler():
+    from pipeline.config import DistillConfig, build_config, validate
+    from pipeline.distill.sample import sampler_config
+    from pipeline.models.sampler import SamplerConfig
+
+    with pytest.raises(ConfigError, match="sampler.sigma"):
+        validate(build_config({"sampler": {"sigma": "per_channel"}}), need_paths=False)
+    with pytest.raises(ValueError, match="sigma"):
+        SamplerConfig(sigma="per_channel")
+    element = validate(build_config({"sampler": {"sigma": "elementwise"}}), need_paths=False)
+    assert element.hashed_dict()["sampler"]["sigma"] == "elementwise"
+    assert element.config_hash() != DistillConfig().config_hash()
+    assert sampler_config(element).sigma == "elementwise" and sampler_config(DistillConfig()).sigma == "scalar"
+    # The default reproduces the bytes made before the field existed, so it keeps their hash: it is left
+    # out of the hashed dict, and an explicit "scalar" is the same config.
+    assert "sigma" not in DistillConfig().hashed_dict()["sampler"]
+    assert build_config({"sampler": {"sigma": "scalar"}}).config_hash() == DistillConfig().config_hash()
+    assert DistillConfig().to_dict()["sampler"]["sigma"] == "scalar"  # run.json still records it

@@ -2,6 +2,8 @@
 falls back to CPU), with `cpu` they never do, and `auto` follows what the cluster has."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import save_tiny_prior
 from test_units import _stage_setup, _tree
@@ -37,5 +39,69 @@ def test_sampling_actors_request_and_get_the_gpu_resource(tmp_path):
         assert trees["cuda"] == trees["cpu"]  # where it ran changes no byte
         cfg.runtime.device = "auto"
         assert actor_plan(cfg)[2] == "cuda"  # the cluster has a GPU now
+    finally:
+        ray.shutdown()
+
+
+def test_sampling_actors_leave_a_gpu_share_to_the_plan_tasks():
+    from pipeline.distill.sample import actor_limit
+
+    cpu, gpu = {"num_cpus": 1}, {"num_gpus": 1.0, "num_cpus": 1}
+    assert actor_limit(4, cpu, True, cpus=2, gpus=0, plan_gpus=0) == 1      # a CPU left to the plans
+    assert actor_limit(4, cpu, False, cpus=2, gpus=0, plan_gpus=0) == 4     # no plans left: every actor
+    assert actor_limit(8, gpu, True, cpus=64, gpus=8, plan_gpus=0.25) == 7  # one GPU left to plan tasks
+    assert actor_limit(1, gpu, True, cpus=8, gpus=1, plan_gpus=0.25) == 0   # one GPU: plans first
+    assert actor_limit(2, {"num_gpus": 0.5, "num_cpus": 1}, True, cpus=8, gpus=1, plan_gpus=0.25) == 1
+    assert actor_limit(8, gpu, True, cpus=64, gpus=8, plan_gpus=0) == 8     # plans on CPUs: all GPUs sample
+    assert actor_limit(8, gpu, False, cpus=64, gpus=8, plan_gpus=0.25) == 8
+
+
+def test_overlapped_stages_finish_when_plan_tasks_and_actors_share_one_gpu(tmp_path):
+    """Plan tasks ask for a share of the (logical) GPU and sampling actors for all of it. A plan task that
+    became ready after the first plans were done (its input came late) found the GPU held by a sampling
+    actor that waited for its plan: a deadlock (seen in bench/scale.py with a logical GPU). The run must
+    finish, and give the CPU run's bytes."""
+    import threading
+
+    import ray
+
+    from pipeline.distill.plan import submit_plans
+
+    ray.shutdown()  # the session's instance has no GPU; cluster tests run last
+    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
+             object_store_memory=200 * 1024 * 1024, logging_level="ERROR", log_to_driver=False)
+    try:
+        prior = save_tiny_prior(tmp_path / "prior", num_classes=4)
+        classes, labels = list("abc"), {"a": 0, "b": 1, "c": 2}
+        cfg, out = _stage_setup(tmp_path / "gpu", prior, classes, ipc=2, max_batch=2)  # units: a | b | c
+        cfg.runtime.device = "auto"
+        plans = submit_plans(cfg, ["a", "b"], out)  # 0.25 GPU each (the cluster has a GPU)
+
+        @ray.remote(num_cpus=0)
+        def late(seconds):
+            """c's input comes once a sampling actor holds the whole GPU (what led to the deadlock), or after
+            ``seconds`` (no actor may take the GPU while a plan task is left)."""
+            deadline = time.time() + seconds
+            while time.time() < deadline and ray.available_resources().get("GPU", 0) >= 0.25:
+                time.sleep(0.2)
+            return "c"
+
+        @ray.remote(num_cpus=1, num_gpus=0.25)
+        def plan_c(name):
+            return {"class_name": name, "n_images": 8, "skipped": False, "repeated": False, "warnings": []}
+
+        plans[plan_c.remote(late.remote(20))] = "c"
+        box = {}
+        worker = threading.Thread(target=lambda: box.update(res=sample_stage(cfg, classes, labels, out, plans=plans)),
+                                  daemon=True)
+        worker.start()
+        worker.join(timeout=240)
+        assert not worker.is_alive(), "stage 3 is stuck: sampling actors hold the GPU the last plan task needs"
+        assert {r["class_name"] for r in box["res"]["plans"]} == set(classes)
+        assert all(out.is_class_done(c) for c in classes)
+        cfg_cpu, out_cpu = _stage_setup(tmp_path / "cpu", prior, classes, ipc=2, max_batch=2)
+        cfg_cpu.runtime.device = "cpu"
+        sample_stage(cfg_cpu, classes, labels, out_cpu)
+        assert _tree(out) == _tree(out_cpu)
     finally:
         ray.shutdown()

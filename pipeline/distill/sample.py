@@ -27,7 +27,10 @@ replacement waits for resources if it must, and gets work when it is placed: a n
 one an autoscaler adds, is used). Every wait has a timeout and re-checks.
 
 Overlap with stage 2: the driver takes the plan tasks' refs and dispatches a unit as soon as the plans of
-all its classes exist; while plan tasks remain, the sampling actors leave at least one CPU free for them.
+all its classes exist; while plan tasks remain, the sampling actors leave room for at least one of them:
+a CPU, and, where plan tasks ask for a share of a GPU (``runtime.gpus_per_plan_task``), that share of the
+cluster's GPUs (``actor_limit``). Otherwise actors holding every GPU would wait for plans that can never
+be scheduled (a deadlock: on a one-GPU cluster this means no sampling until the last plan).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atomic_write_table, sha256_bytes
 from pipeline.config import DistillConfig, build_config
-from pipeline.distill.plan import log_plan_warnings
+from pipeline.distill.plan import log_plan_warnings, plan_task_options
 from pipeline.models.refs import load_model
 from pipeline.models.sampler import GuidedSampler, SamplerConfig
 
@@ -73,7 +76,7 @@ def sampler_config(cfg: DistillConfig):
     return SamplerConfig(num_steps=s.num_steps, train_steps=s.train_steps, sampler=s.sampler,
                          cfg_scale=s.cfg_scale, cfg_channels=s.cfg_channels, guidance=s.guidance,
                          guidance_scale=s.guidance_scale, t_stop=s.t_stop, normal_weight=s.normal_weight,
-                         max_batch=s.max_batch, seed=cfg.seed)
+                         sigma=s.sigma, max_batch=s.max_batch, seed=cfg.seed)
 
 
 # ------------------------------------------------------------------------------------ work units
@@ -289,6 +292,19 @@ def actor_plan(cfg: DistillConfig) -> tuple[dict, int, str, int]:
     return {"num_cpus": 1}, 1, "cpu", max(1, int(res.get("CPU", 1)))
 
 
+def actor_limit(target: int, options: dict, plans_left: bool, cpus: float, gpus: float, plan_gpus: float) -> int:
+    """How many sampling actors to hold now. While plan tasks remain, leave one plan task its resources:
+    a CPU (a 2-core machine would otherwise deadlock: actors on every CPU, waiting for plans that cannot
+    run) and, where plan tasks ask for ``plan_gpus`` of a GPU, that much of the cluster's ``gpus``."""
+    if not plans_left:
+        return target
+    limit = min(target, max(0, int(cpus - options["num_cpus"])))
+    share = options.get("num_gpus", 0)
+    if plan_gpus > 0 and share > 0:
+        limit = min(limit, max(0, int((gpus - plan_gpus) / share + 1e-9)))
+    return limit
+
+
 class _Pool:
     """The sampling actors: starting (a ``ready`` call in flight), idle (answered), busy (a unit)."""
 
@@ -384,13 +400,17 @@ def sample_stage(cfg: DistillConfig, classes: list[str], labels: dict, out: Outp
             f"({', '.join(f'{k}={v:g}' for k, v in options.items())} each)")
     t_sample_start = t_plan_end = t_sample_end = None
     images, start = 0, time.perf_counter()
-    cpus = ray.cluster_resources().get("CPU", 1)
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 1), resources.get("GPU", 0)
+    plan_gpus = plan_task_options(cfg, gpus)["num_gpus"]  # what submit_plans asked for each plan task
     try:
         while plans or queue or (pool and pool.busy):
             if pool and queue:
-                # While plan tasks remain, leave a CPU to them (2-core deadlock: actors holding every CPU
-                # while they wait for plans that cannot be scheduled).
-                limit = target if not plans else min(target, max(0, int(cpus - options["num_cpus"])))
+                # While plan tasks remain, leave one of them a CPU and its GPU share (see actor_limit); the
+                # GPUs are counted again each time (an autoscaler may be adding GPU nodes for the plans).
+                if plans and plan_gpus > 0:
+                    gpus = ray.cluster_resources().get("GPU", 0)
+                limit = actor_limit(target, options, bool(plans), cpus, gpus, plan_gpus)
                 if limit and t_sample_start is None:
                     t_sample_start = time.perf_counter()
                 pool.grow(limit)

@@ -21,12 +21,14 @@ The update, given the CFG-guided epsilon and (learned) variance of the model at 
     guided: mu <- mu + lambda * sigma_i * g,   g = guidance_vector(mode, x0_hat, c, U, normal_weight)
     x_{i-1} = mu + std_i * z   (DDPM, i > 0; DDIM and the last step add nothing)
 
-sigma_i in the guidance term is one number per sample: exp(0.5 * mean log-variance), the
-geometric mean of the std the DDPM step would use at i (learned range, or DiT's fixed-large
-variance for a model without learned sigma). One number keeps the guided displacement exactly
-in span(U) for ``manifold``; the element-wise learned std differs from it by < 0.8% at every
-guided step of the default schedule. DDIM uses the same sigma_i, so guidance has the same
-strength under both samplers instead of vanishing with DDIM's zero noise.
+sigma_i in the guidance term (``SamplerConfig.sigma``, ``ops.guidance.guidance_sigma``): ``scalar``
+(the default) is one number per sample, exp(0.5 * mean log-variance), the geometric mean of the std
+the DDPM step would use at i (learned range, or DiT's fixed-large variance for a model without learned
+sigma); one number keeps the guided displacement exactly in span(U) for ``manifold``. ``elementwise``
+is the step's own per-coordinate std, as the public MGD3 / ManifoldGD code uses. The two differ by at
+most a factor ``ops.schedule.learned_std_spread`` (1.007 at the default's last guided step, 7.9 at
+i = 1); with fixed variance they are the same number. DDIM uses the same sigma_i, so guidance has the
+same strength under both samplers instead of vanishing with DDIM's zero noise.
 
 Noise: sample k of class y draws its initial latent and then one step noise per DDPM step, in
 order, from its own CPU ``torch.Generator`` seeded by a hash of (seed, y, k). So the noise never
@@ -42,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ops.guidance import GUIDANCE_MODES, guidance_vector, guided_mean, x0_from_eps
+from ops.guidance import GUIDANCE_MODES, SIGMA_MODES, guidance_sigma, guidance_vector, guided_mean, x0_from_eps
 from ops.schedule import (
     SPACINGS,
     Schedule,
@@ -71,6 +73,7 @@ class SamplerConfig:
     guidance_scale: float = 0.1  # lambda
     t_stop: int = 25  # guided while the respaced index i > t_stop
     normal_weight: float = 0.0  # manifold only: weight of the normal component of c - x0_hat
+    sigma: str = "scalar"  # sigma_i of the guidance term: scalar (per sample) | elementwise (per coordinate)
     max_batch: int = 64  # samples per model call (the model sees 2x with CFG)
     seed: int = 0
     autocast: bool = True  # bf16 (fp16 without bf16 support) autocast on CUDA; CPU always runs fp32
@@ -81,6 +84,7 @@ class SamplerConfig:
             ("spacing", self.spacing, SPACINGS),
             ("cfg_channels", self.cfg_channels, CFG_CHANNELS),
             ("guidance", self.guidance, GUIDANCE_MODES),
+            ("sigma", self.sigma, SIGMA_MODES),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -114,7 +118,7 @@ class StepInfo:
     x0_hat: torch.Tensor
     mean: torch.Tensor  # the unguided step's mean
     guided_mean: torch.Tensor  # mean + lambda * sigma * g (is ``mean`` on unguided steps)
-    sigma: torch.Tensor  # (n, 1, 1, 1) per-sample sigma_i of the guidance term
+    sigma: torch.Tensor  # sigma_i of the guidance term: (n, 1, 1, 1) per sample, or x_t's shape (elementwise)
     noise_std: torch.Tensor | float  # std of the added noise (element-wise when learned)
     noise: torch.Tensor | None  # z, when the step adds noise
     x_prev: torch.Tensor
@@ -149,17 +153,19 @@ def denoise_step(
     sampler: str = "ddpm",
     noise: torch.Tensor | None = None,
     guidance: GuidanceState | None = None,
+    sigma_mode: str = "scalar",
 ) -> dict:
     """One reverse step x_i -> x_{i-1}; a pure function of its arguments (see the module docstring).
 
     ``var_values``: the model's variance channels in [-1, 1] (learned range), or None for DiT's
-    fixed-large variance. ``noise`` is z (required for DDPM steps with i > 0).
+    fixed-large variance. ``noise`` is z (required for DDPM steps with i > 0). ``sigma_mode``: the
+    guidance term's sigma_i, ``scalar`` or ``elementwise`` (``ops.guidance.guidance_sigma``).
     """
     abar = float(schedule.alphas_cumprod[i])
     x0_hat = x0_from_eps(x_t, eps, abar)
     if var_values is not None:
         log_var = learned_range_log_variance(schedule, i, var_values)
-        sigma = torch.exp(0.5 * log_var.flatten(1).mean(dim=1)).view(-1, 1, 1, 1)
+        sigma = guidance_sigma(log_var, sigma_mode)
         noise_std = torch.exp(0.5 * log_var)
     else:
         std = float(np.exp(0.5 * fixed_log_variance(schedule, i)))
@@ -384,7 +390,8 @@ class GuidedSampler:
             if i in guided:
                 basis = None if basis_set is None else step_bases(basis_set, basis_index, j)
                 state = GuidanceState(cfg.guidance, centroids, basis, cfg.guidance_scale, cfg.normal_weight)
-            step = denoise_step(sched, i, x, eps, var_values, sampler=cfg.sampler, noise=z, guidance=state)
+            step = denoise_step(sched, i, x, eps, var_values, sampler=cfg.sampler, noise=z, guidance=state,
+                                sigma_mode=cfg.sigma)
             if step_callback is not None:
                 step_callback(StepInfo(index=i, timestep=t, sample_indices=list(chunk), x_t=x, eps=eps,
                                        guided_step=j if state is not None else None,
