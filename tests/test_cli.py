@@ -67,8 +67,9 @@ def test_hash_follows_the_weights_of_a_local_model_folder(tmp_path):
 
 
 def test_builtin_prior_brings_its_tuned_settings_below_the_users(tmp_path):
-    """--data mnist10k uses the shipped prior and, for manifold guidance only, the settings tuned for it;
-    a config file, a flag or --set still wins, and another model gets the published defaults."""
+    """--data mnist10k uses the shipped prior and the settings tuned for it, per guidance mode (the other
+    mode's section does not leak); a config file, a flag or --set still wins, and another model gets the
+    published defaults."""
     import argparse
 
     from pipeline.cli import build_parser
@@ -87,7 +88,10 @@ def test_builtin_prior_brings_its_tuned_settings_below_the_users(tmp_path):
     assert plain.model.model == "builtin:mnist10k"
     assert plain.tangent.dim == tuned["tangent"]["dim"] != published.tangent.dim
     assert plain.sampler.guidance_scale == tuned["sampler"]["guidance_scale"] != published.sampler.guidance_scale
-    assert cfg("--guidance", "mode").sampler.guidance_scale == published.sampler.guidance_scale  # MGD3 untouched
+    mode = prior_defaults("mnist10k", "mode")
+    mgd3 = cfg("--guidance", "mode")
+    assert mgd3.sampler.guidance_scale == mode["sampler"]["guidance_scale"] != plain.sampler.guidance_scale
+    assert mgd3.tangent.dim == published.tangent.dim  # the manifold section does not reach mode guidance
     assert cfg("--set", "sampler.guidance_scale=0.05").sampler.guidance_scale == 0.05  # --set wins
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump({"tangent": {"dim": 5}}))
