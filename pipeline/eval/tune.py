@@ -137,7 +137,8 @@ def defaults_yaml(chosen: dict, results_path: str) -> str:
              "# sampler.guidance mode. Written by `python -m pipeline.eval.tune choose --write-defaults`: the",
              "# equal-budget sweep on the mnist10k val split (docs/evaluation.md); every setting it tried and its",
              f"# val score are in {results_path}."]
-    for base, row in chosen.items():
+    for base in (b for b in SPACES if b in chosen):  # a fixed order, whatever order ``chosen`` was read in
+        row = chosen[base]
         changed = {k: v for k, v in row["settings"].items() if SPACES[base].published.get(k) != v}
         lines.append(f"{GUIDANCE[base]}:  # {base}: {row['variant']}, val top-1 {row['val_top1']['mean']:.2f}"
                      + ("" if changed else " (the published setting)"))
