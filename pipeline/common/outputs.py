@@ -89,36 +89,38 @@ class OutputDir:
             probe.unlink()
         except OSError as exc:
             raise ConfigError("out", f"output folder {self.root} is not writable: {exc.strerror}") from None
-        stamp = self.work / "config.json"
         digest = cfg.config_hash()
-        if stamp.exists():
-            previous = json.loads(stamp.read_text()).get("config_hash")
-            if previous != digest:
-                if not overwrite:
-                    raise ConfigError(
-                        "out", f"{self.root} was made by a different config (hash {previous}, now {digest}); "
-                        "choose another --out or pass --overwrite")
-                self.clear()
-                self.work.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stamp, {"config_hash": digest, "config": cfg.hashed_dict()})
+        previous = self._stamped_other("config.json", "config_hash", digest)
+        if previous is not None:
+            if not overwrite:
+                raise ConfigError(
+                    "out", f"{self.root} was made by a different config (hash {previous}, now {digest}); "
+                    "choose another --out or pass --overwrite")
+            self.clear()
+            self.work.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.work / "config.json", {"config_hash": digest, "config": cfg.hashed_dict()})
+
+    def _stamped_other(self, name: str, key: str, value: str) -> str | None:
+        """The ``key`` of the stamp ``_work/<name>`` when it exists and differs from ``value``, else None."""
+        stamp = self.work / name
+        previous = json.loads(stamp.read_text()).get(key) if stamp.exists() else value
+        return None if previous == value else previous
 
     def check_device(self, cfg: DistillConfig, kind: str, overwrite: bool) -> None:
         """Refuse to resume a folder whose images were made on another kind of device (``cuda`` or ``cpu``,
         what the stages request: ``runtime.device``, or ``auto`` and the cluster's GPUs). The kind is not in
         the config hash, but it changes bytes (``model.dtype=auto`` is bf16 on CUDA, fp32 on CPU, and the
         kernels differ), so a resume on the other kind would mix two runs' bytes in one folder."""
-        stamp = self.work / "device.json"
-        if stamp.exists():
-            previous = json.loads(stamp.read_text()).get("device")
-            if previous != kind:
-                if not overwrite:
-                    raise ConfigError(
-                        "runtime.device", f"{self.root} was made on {previous} and this run would use {kind} "
-                        f"(model.dtype {cfg.model.dtype}): resuming would mix the bytes of two devices. Resume "
-                        f"with --set runtime.device={previous}, or choose another --out, or pass --overwrite")
-                self.clear()
-                self.prepare(cfg, overwrite=False)
-        atomic_write_json(stamp, {"device": kind})
+        previous = self._stamped_other("device.json", "device", kind)
+        if previous is not None:
+            if not overwrite:
+                raise ConfigError(
+                    "runtime.device", f"{self.root} was made on {previous} and this run would use {kind} "
+                    f"(model.dtype {cfg.model.dtype}): resuming would mix the bytes of two devices. Resume "
+                    f"with --set runtime.device={previous}, or choose another --out, or pass --overwrite")
+            self.clear()
+            self.prepare(cfg, overwrite=False)
+        atomic_write_json(self.work / "device.json", {"device": kind})
 
     def clear(self) -> None:
         """Remove what this project writes, and nothing else the user may keep beside it."""

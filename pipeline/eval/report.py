@@ -80,20 +80,7 @@ def markdown(results: dict, parts=("commands", "main", "ladder", "variants", "me
                   "2h^2 = 2 x median squared distance) / MMD (the papers': square root of the unbiased MMD^2, "
                   "gamma = 1 / median squared distance), mean +- std over seeds; lower is closer. The two MMDs are "
                   "not comparable with each other. Small sets (IPC 1: 10 images) make FID strongly biased upward.", ""]
-        lines += ["| method | " + " | ".join(f"IPC {i}: FID / l2 / MMD^2 (ours) / MMD (paper)" for i in ipcs) + " |",
-                  "| --- |" + " --- |" * len(ipcs)]
-        for m in _order(results):
-            cells = []
-            for i in ipcs:
-                r = by.get((m, i))
-                if r is None or not r["metrics"]["fid"]["n"]:
-                    cells.append("-")
-                    continue
-                mt = r["metrics"]
-                cells.append(f"{_cell(mt['fid'], 2)} / {_cell(mt['mean_l2'], 2)} / {_cell(mt['mmd2'], 4)} / "
-                             f"{_cell(mt.get('mmd_paper'), 4)}")
-            lines.append(f"| {by_label(results, m)} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _set_table(results, by, ipcs, "FID / l2 / MMD^2 (ours) / MMD (paper)", _metrics)
     if "copies" in parts and any(((r.get("copies") or {}).get("pixels") or {}).get("nn_ratio_median", {}).get("n")
                                  for r in rows):
         lines += ["#### Copy detection vs the real training images", "",
@@ -102,17 +89,30 @@ def markdown(results: dict, parts=("commands", "main", "ladder", "variants", "me
                   "median nearest-neighbour distance (leave-one-out); in pixels, then in features "
                   f"({results.get('features')}). A set of training images reads 1 / 0; new images drawn like the "
                   "data read about 0 / 1. Mean over seeds.", ""]
-        lines += ["| method | " + " | ".join(f"IPC {i}: pixels / features" for i in ipcs) + " |",
-                  "| --- |" + " --- |" * len(ipcs)]
-        for m in _order(results):
-            cells = []
-            for i in ipcs:
-                r = by.get((m, i))
-                c = (r or {}).get("copies") or {}
-                cells.append(" / ".join(_copy(c.get(space)) for space in ("pixels", "features")) if r else "-")
-            lines.append(f"| {by_label(results, m)} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += _set_table(results, by, ipcs, "pixels / features", _copies)
     return "\n".join(lines) + "\n"
+
+
+def _set_table(results: dict, by: dict, ipcs: list[int], what: str, cell) -> list[str]:
+    """One row per method, one column per IPC: ``cell(row)`` of each set that ran ("-" where none did)."""
+    lines = ["| method | " + " | ".join(f"IPC {i}: {what}" for i in ipcs) + " |", "| --- |" + " --- |" * len(ipcs)]
+    for m in _order(results):
+        cells = [cell(r) if (r := by.get((m, i))) is not None else "-" for i in ipcs]
+        lines.append(f"| {by_label(results, m)} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _metrics(r: dict) -> str:
+    mt = r["metrics"]
+    if not mt["fid"]["n"]:
+        return "-"
+    return (f"{_cell(mt['fid'], 2)} / {_cell(mt['mean_l2'], 2)} / {_cell(mt['mmd2'], 4)} / "
+            f"{_cell(mt.get('mmd_paper'), 4)}")
+
+
+def _copies(r: dict) -> str:
+    c = r.get("copies") or {}
+    return " / ".join(_copy(c.get(space)) for space in ("pixels", "features"))
 
 
 def _copy(stats: dict | None) -> str:
