@@ -1,4 +1,4 @@
-"""The guidance vector and the guided DDPM update (METHOD.md section 4).
+"""The guidance vector and the guided DDPM update (docs/method.md section 4).
 
 Written with arithmetic operators only, so the same functions take numpy, CuPy or torch arrays.
 Vectors are flattened latents: shape (B, D).

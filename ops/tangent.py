@@ -1,4 +1,4 @@
-"""Local tangent spaces of the latent data manifold (METHOD.md section 3).
+"""Local tangent spaces of the latent data manifold (docs/method.md section 3).
 
 A centroid's tangent space is spanned by the top principal directions of its real neighbours, computed
 from the centred (K, D) neighbour matrix by one of the two routes of ``ops.pca`` (``route="svd"``, thin

@@ -1,6 +1,6 @@
 """One typed config object for every knob, validated once at the door and hashed into every output.
 
-Sources, later ones winning: dataclass defaults (METHOD.md's published setting) < ``--config FILE.yaml``
+Sources, later ones winning: dataclass defaults (the published setting, docs/method.md section 7) < ``--config FILE.yaml``
 < command-line flags < ``--set section.key=value``. ``validate`` raises ``ConfigError`` naming the field;
 the CLI turns that into exit code 2 before Ray starts.
 

@@ -27,7 +27,7 @@ METHODS = {m.name: m for m in (
     Method("manifoldgd", "ManifoldGD", "distill", "manifold", "divisive"),
 )}
 MAIN = ("random", "kmeans_real", "dit", "mgd3", "manifoldgd")
-# METHOD.md section 6: k-means -> divisive -> divisive level-wise -> + manifold guidance -> + radius annealing
+# docs/method.md section 6: k-means -> divisive -> divisive level-wise -> + manifold guidance -> + radius annealing
 LADDER = (("k-means", "mgd3"), ("divisive", "divisive"), ("divisive level-wise", "levelwise"),
           ("+ manifold guidance", "manifold"), ("+ radius annealing (= ManifoldGD)", "manifoldgd"))
 ALIASES = {"ladder": [m for _, m in LADDER], "main": list(MAIN), "all": list(METHODS)}

@@ -66,7 +66,7 @@ def markdown(results: dict, parts=("commands", "main", "ladder", "variants", "me
             lines += [header, sep] + [line(by_label(results, m), m) for m in main] + [""]
         ladder = results.get("ladder") or []
         if any(m not in main for _, m in ladder) and "ladder" in parts:  # not when main already shows every rung
-            lines += ["Ablation ladder (METHOD.md section 6):", "", header, sep]
+            lines += ["Ablation ladder (docs/method.md section 6):", "", header, sep]
             lines += [line(label, m) for label, m in ladder] + [""]
         variants = results.get("variants") or []
         if variants and "variants" in parts:

@@ -1,6 +1,6 @@
 """Students trained from scratch on a (distilled) set with hard labels, and tested on real images.
 
-Architectures (METHOD.md section 5), all with instance norm (GroupNorm with one group per channel):
+Architectures (docs/method.md section 5), all with instance norm (GroupNorm with one group per channel):
 - ``convnet`` / ``convnet-N``: N x [conv3x3 -> norm -> ReLU -> avgpool 2] -> linear; width 128. Depth by
   default follows the image size so that the last map is 4 x 4 (ConvNet-3 at 32 px, ConvNet-6 at 256 px).
 - ``resnetap10``: ResNet-10 ([1, 1, 1, 1] basic blocks) that downsamples by average pooling instead of
@@ -144,7 +144,7 @@ def build_model(arch: str, num_classes: int, channels: int = 3, size: int = 32, 
 
 # ------------------------------------------------------------------------------------------ recipe
 def paper_epochs(ipc: int) -> int:
-    """Published epochs by IPC (METHOD.md section 5); beyond 200 the 1000 of the largest published bin."""
+    """Published epochs by IPC (docs/method.md section 5); beyond 200 the 1000 of the largest published bin."""
     return 2000 if ipc <= 10 else 1500 if ipc <= 50 else 1000
 
 

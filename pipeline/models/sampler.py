@@ -1,4 +1,4 @@
-"""Guided DiT sampling: DiT's DDPM protocol plus mode / manifold guidance (METHOD.md section 4).
+"""Guided DiT sampling: DiT's DDPM protocol plus mode / manifold guidance (docs/method.md section 4).
 
 Rows, not classes: a call takes any list of (class, k) samples, each row with its own class label,
 centroid and tangent-basis index, and sends them through the transformer together, chunked to
