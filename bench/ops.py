@@ -9,7 +9,7 @@
    ``BisectingKMeans(bisecting_strategy="biggest_inertia")``, same seed, same threads; time (best of a
    few runs, wall clock) and SSE of the leaf partition (recomputed from the labels in float64 for both).
    Targets: time ratio <= 1.0, SSE ratio <= 1.02.
-3. Tangent-basis routes on a 1,300 x 4,096 class (issue 13): ``route="svd"`` (thin SVD of the centred
+3. Tangent-basis routes on a 1,300 x 4,096 class: ``route="svd"`` (thin SVD of the centred
    K x D neighbours) against ``route="gram"`` (``eigh`` of the K x K Gram matrix, mapped back), for
    (K, d) = (12, 3), (64, 3), (64, 32): one basis of the K nearest latents to a centroid, and the whole
    radius-annealed plan of that centroid (``annealed_bases``: 24 guided steps, warm 10, x2 radius, at most

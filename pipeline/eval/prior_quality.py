@@ -4,7 +4,7 @@ A small CNN is trained on the real train split of a built-in dataset (its real t
 so the judge is known to be a good one); the prior then draws unguided class-conditional samples with
 DiT's protocol (50 DDPM steps, CFG 4.0, learned variance; ``GuidedSampler`` with guidance "none") and
 the command prints the fraction the classifier assigns to the conditioning class, per class and overall.
-Exit code 1 when that fraction is below ``--min-fraction`` (issue 5 asks for 0.9). It also reports whether
+Exit code 1 when that fraction is below ``--min-fraction`` (0.9 by default). It also reports whether
 the samples copy training images (``pipeline.common.copies``: nearest-training-image distances in pixels and in the
 shipped feature net's space, against the training set's own leave-one-out distances).
 """
