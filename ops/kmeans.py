@@ -323,8 +323,7 @@ def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 300, to
         labels = None
         for _ in range(max_iter):
             labels, d2 = _assign(Xc, sq, centers)
-            new = _update(Xc, labels, d2, centers)
-            shift = float(((new - centers) ** 2).sum())
+            new, shift = _update(Xc, labels, d2, centers)
             centers = new
             if shift <= tol_abs:
                 break
@@ -358,16 +357,20 @@ def _assign(Xc, sq, centers):
 
 
 def _update(Xc, labels, d2, centers):
+    """(new centres, their squared shift from ``centers``) after one Lloyd step; an emptied cluster takes the
+    point farthest from its centre. One host read (the counts with the shift) unless a cluster emptied."""
     xp = array_module(Xc)
     k = centers.shape[0]
     onehot = (labels[:, None] == xp.arange(k)[None, :]).astype(Xc.dtype)
     counts = onehot.sum(axis=0)
     new = (onehot.T @ Xc) / xp.maximum(counts, 1)[:, None]
-    empty = np.flatnonzero(to_numpy(counts) == 0)
-    if empty.size:
-        far = np.argsort(-to_numpy(d2), kind="stable")[: empty.size]
-        new[xp.asarray(empty)] = Xc[xp.asarray(far)]
-    return new
+    host = read_back([counts, ((new - centers) ** 2).sum()])
+    empty = np.flatnonzero(host[:k] == 0)
+    if not empty.size:
+        return new, float(host[k])
+    far = np.argsort(-to_numpy(d2), kind="stable")[: empty.size]
+    new[xp.asarray(empty)] = Xc[xp.asarray(far)]
+    return new, float(((new - centers) ** 2).sum())
 
 
 def _sse(X, labels, centers) -> float:

@@ -34,10 +34,10 @@ def tree_bytes(selection) -> list:
         x = x.get() if hasattr(x, "get") else x
         return np.asarray(x).tobytes()
 
-    tree = selection.tree
+    tree = selection.tree  # None for the k-means baseline
     nodes = [(n.id, n.parent, n.depth, n.children, n.members.tobytes(), exact(n.mean), struct.pack("<d", n.sse))
-             for n in tree.nodes]
-    return [nodes, sorted(tree.unsplittable), exact(selection.centroids), selection.node_ids.tobytes(),
+             for n in (tree.nodes if tree else [])]
+    return [nodes, sorted(tree.unsplittable) if tree else [], exact(selection.centroids), selection.node_ids.tobytes(),
             selection.levels.tobytes(), selection.picked_by, [m.tobytes() for m in selection.members]]
 
 
@@ -69,7 +69,7 @@ def test_ipc50_class_needs_5x_fewer_transfers_and_builds_the_same_tree(monkeypat
     assert after <= 5 * splits  # a handful per split: draws, exploration, one per Lloyd step of the winner
 
 
-@pytest.mark.parametrize("case", ["duplicates", "few_distinct", "float64", "small_n_init", "medoid"])
+@pytest.mark.parametrize("case", ["duplicates", "few_distinct", "float64", "small_n_init", "medoid", "kmeans"])
 def test_edge_cases_build_the_same_tree_on_both_paths(case, monkeypatch):
     rng = np.random.default_rng(7)
     kwargs = {"seed": 3}
@@ -86,9 +86,12 @@ def test_edge_cases_build_the_same_tree_on_both_paths(case, monkeypatch):
     elif case == "small_n_init":
         X = latent_class(400, 48, modes=8, seed=3)
         ipc, kwargs["n_init"] = 12, 1
-    else:
+    elif case == "medoid":
         X = latent_class(200, 24, modes=5, seed=4)
         ipc, kwargs["centroid"] = 6, "medoid"
+    elif case == "kmeans":  # MGD3's baseline: one read per Lloyd step (counts and shift together)
+        X = latent_class(300, 32, modes=6, seed=5)
+        ipc, kwargs["method"] = 10, "kmeans"
     import warnings
 
     with warnings.catch_warnings():
@@ -97,6 +100,37 @@ def test_edge_cases_build_the_same_tree_on_both_paths(case, monkeypatch):
     for path, (frozen, current) in out.items():
         assert tree_bytes(current) == tree_bytes(frozen), path
     assert after <= before
+
+
+def test_kmeans_with_emptied_clusters_is_unchanged(monkeypatch):
+    """More centres than distinct rows: k-means++ repeats a row, the twin centre empties in Lloyd and is
+    re-seeded with the farthest point (the path with a second host read)."""
+    from frozen_clustering import kmeans as frozen_kmeans
+
+    from ops import kmeans as ops_kmeans
+
+    rng = np.random.default_rng(11)
+    X = np.repeat(rng.standard_normal((5, 6), dtype=np.float32), 7, axis=0)
+    X[::7] += rng.standard_normal((5, 6), dtype=np.float32) * 0.01
+    emptied = []
+    update = ops_kmeans._update
+
+    def watched(Xc, labels, d2, centers):
+        emptied.append(bool((np.bincount(np.asarray(labels.get() if hasattr(labels, "get") else labels),
+                                         minlength=centers.shape[0]) == 0).any()))
+        return update(Xc, labels, d2, centers)
+
+    monkeypatch.setattr(ops_kmeans, "_update", watched)
+
+    def exact(result):
+        labels, centers, sse = result
+        host = [a.get() if hasattr(a, "get") else a for a in (labels, centers)]
+        return [host[0].tobytes(), host[1].tobytes(), struct.pack("<d", sse)]
+
+    assert exact(ops_kmeans.kmeans(X, 8, seed=2)) == exact(frozen_kmeans.kmeans(X, 8, seed=2))
+    fake = counting_cupy.install(monkeypatch)
+    assert exact(ops_kmeans.kmeans(fake.asarray(X), 8, seed=2)) == exact(frozen_kmeans.kmeans(fake.asarray(X), 8, seed=2))
+    assert any(emptied)
 
 
 def test_counting_stand_in_counts_what_a_gpu_would_wait_for(monkeypatch):
