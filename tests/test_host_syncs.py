@@ -69,6 +69,15 @@ def test_ipc50_class_needs_5x_fewer_transfers_and_builds_the_same_tree(monkeypat
     assert after <= 5 * splits  # a handful per split: draws, exploration, one per Lloyd step of the winner
 
 
+def test_ipc50_kmeans_baseline_reads_counts_and_shift_together(monkeypatch):
+    X = latent_class(1300, 128, seed=1)
+    out, (before, after) = run_both(X, 50, monkeypatch, seed=0, method="kmeans")
+    for path, (frozen, current) in out.items():
+        assert tree_bytes(current) == tree_bytes(frozen), path
+    print(f"k-means baseline, transfers per IPC-50 class: {before} before, {after} now")
+    assert after < before
+
+
 @pytest.mark.parametrize("case", ["duplicates", "few_distinct", "float64", "small_n_init", "medoid", "kmeans"])
 def test_edge_cases_build_the_same_tree_on_both_paths(case, monkeypatch):
     rng = np.random.default_rng(7)
