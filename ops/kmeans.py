@@ -15,6 +15,10 @@ Speed notes (why the code looks the way it does; measured on 2 cores, D = 4,096 
 - Several starts run side by side for two steps (a column each in the same products), then only the
   best continues; its later steps update the cluster sum from the few points that changed side.
 - A 1-column GEMM is 3-4x slower than a matrix-vector product in OpenBLAS, so single columns use the latter.
+- On a GPU every value read back to the host is a synchronisation, so the reads are batched (``read_back``):
+  one per Lloyd step of the 2-means winner and of the baseline, a few more per split (see ``two_means``).
+  The values and the order of every floating-point operation are those of the unbatched code, so the trees
+  are unchanged (tests/test_host_syncs.py compares them bit for bit).
 """
 from __future__ import annotations
 
