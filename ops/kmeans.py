@@ -17,8 +17,10 @@ Speed notes (why the code looks the way it does; measured on 2 cores, D = 4,096 
 - A 1-column GEMM is 3-4x slower than a matrix-vector product in OpenBLAS, so single columns use the latter.
 - On a GPU every value read back to the host is a synchronisation, so the reads are batched (``read_back``):
   one per Lloyd step of the 2-means winner and of the baseline, a few more per split (see ``two_means``).
-  The values and the order of every floating-point operation are those of the unbatched code, so the trees
-  are unchanged (tests/test_host_syncs.py compares them bit for bit).
+  With numpy's arithmetic (the host, and the GPU path run on numpy by tests/test_host_syncs.py) the results
+  are bit for bit those of the unbatched code. On CuPy the zero-filled masked sums (``_rows_sum``) reduce in
+  CuPy's own grouping, so a Lloyd step's running sum may differ in its last bit from a gathered sum; it only
+  steers the steps, and the tree's sums and SSEs come from the final labels.
 """
 from __future__ import annotations
 
