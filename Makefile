@@ -8,7 +8,7 @@ LOCK := requirements/lock-cpu.txt
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install lint test demo bench lock clean
+.PHONY: install lint test demo bench lock clean gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/ops.py
+
+# The wheels bench/gpu.py needs on the GPU machine (diffusers and its run-time dependencies at the lock's
+# versions, for its Python 3.12) in .gpu-wheels/cp312, checked under the 64 MiB a device call can carry.
+# docs/gpu.md: the one command that unpacks them there and runs the check. GPU_PY=3.11 to rehearse here.
+GPU_PY ?= 3.12
+gpu-wheels: $(STAMP)
+	$(BIN)/python scripts/gpu_wheels.py --python-version $(GPU_PY)
 
 # After changing a pin in pyproject.toml: install the new pin into .venv, then rewrite the lock from it
 # (`make lock`) and commit requirements/lock-cpu.txt. CI checks that the lock and the environment agree.

@@ -59,11 +59,63 @@ def build_prior(dit_kwargs: dict, vae_kwargs: dict | None, device: str, dtype=to
 
 
 def guidance_inputs(n: int, latent_dim: int, n_guided: int, dim: int, device, seed: int = 0):
-    """Random centroids (n, D) and per-step orthonormal bases (n, S, D, d), as the pipeline passes them."""
+    """Random centroids (n, D) and per-step orthonormal bases (n, S, D, d), as the pipeline passes them.
+
+    S = n_guided may be 0 (a run too short to reach a guided step, e.g. a 2-step warm-up): the bases are
+    then (n, 0, D, d), which the sampler accepts."""
     g = torch.Generator(device="cpu").manual_seed(seed)
     centroids = torch.randn((n, latent_dim), generator=g)
-    bases, _ = torch.linalg.qr(torch.randn((n, max(n_guided, 1), latent_dim, dim), generator=g))  # CPU: batched
+    if n_guided == 0:
+        return centroids.to(device), torch.zeros((n, 0, latent_dim, dim), device=device)
+    bases, _ = torch.linalg.qr(torch.randn((n, n_guided, latent_dim, dim), generator=g))  # CPU: batched
     return centroids.to(device), bases.to(device)
+
+
+WARM_STEPS = 2  # a warm-up per batch shape: kernels and allocator blocks, no guided step (t_stop = 1)
+
+
+def sample_once(prior, mode: str, n: int, steps: int, device: str, tangent_dim: int = 3) -> float:
+    """Seconds of one ``GuidedSampler.sample`` call of ``n`` images (the device synchronised around it)."""
+    from pipeline.models.sampler import GuidedSampler, SamplerConfig
+
+    cfg = SamplerConfig(num_steps=steps, guidance=mode, t_stop=max(steps // 2, 0), max_batch=n)
+    sampler = GuidedSampler(prior, cfg)
+    c, u = guidance_inputs(n, prior.latent_dim, cfg.num_guided_steps, tangent_dim, device)
+    _sync(device)
+    start = time.perf_counter()
+    images = sampler.sample(1, range(n), c if mode != "none" else None, u if mode == "manifold" else None)
+    _sync(device)
+    assert images.shape[0] == n
+    return time.perf_counter() - start
+
+
+def guidance_ratio(prior, batch: int, modes, *, steps: int, device: str, rounds: int = 3,
+                   warm_steps: int = WARM_STEPS) -> dict:
+    """Time of each guided mode over unguided ("none") at one batch size.
+
+    Every mode first gets a warm-up at this shape, then the modes run interleaved (none, mode, manifold,
+    none, ...) for ``rounds`` rounds, so drift and one-time costs fall on all of them alike; the ratio is
+    of the medians. Returns {"batch", "seconds": {mode: [...]}, "ratio": {mode: median / median(none)},
+    "peak_gib"}."""
+    import statistics
+
+    modes = ["none"] + [m for m in modes if m != "none"]
+    cuda = torch.device(device).type == "cuda"
+    for mode in modes:
+        sample_once(prior, mode, batch, warm_steps, device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    seconds = {m: [] for m in modes}
+    for _ in range(rounds):
+        for mode in modes:
+            seconds[mode].append(sample_once(prior, mode, batch, steps, device))
+    median = {m: statistics.median(v) for m, v in seconds.items()}
+    ratio = {m: median[m] / median["none"] for m in modes if m != "none"}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+    for mode, r in ratio.items():
+        print(f"time {mode}/none at batch {batch}: {r:.3f} (medians {median[mode]:.3f} s / {median['none']:.3f} s "
+              f"of {rounds} interleaved rounds)", flush=True)
+    return {"batch": batch, "seconds": seconds, "ratio": ratio, "peak_gib": peak}
 
 
 def _sync(device):
@@ -71,27 +123,19 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run(batches, modes, *, steps: int, device: str, prior, tangent_dim: int = 3, repeats: int = 1):
-    from pipeline.models.sampler import GuidedSampler, SamplerConfig
-
+def run(batches, modes, *, steps: int, device: str, prior, tangent_dim: int = 3, repeats: int = 1,
+        warm_steps: int = WARM_STEPS):
+    """images/s of each (mode, batch), each shape warmed up first (``warm_steps`` steps; 0: no warm-up)."""
     cuda = torch.device(device).type == "cuda"
     results = []
     for mode in modes:
         for n in batches:
-            cfg = SamplerConfig(num_steps=steps, guidance=mode, t_stop=max(steps // 2, 0), max_batch=n)
-            sampler = GuidedSampler(prior, cfg)
-            c, u = guidance_inputs(n, prior.latent_dim, cfg.num_guided_steps, tangent_dim, device)
+            if warm_steps:
+                sample_once(prior, mode, n, warm_steps, device, tangent_dim)
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            best = float("inf")
-            for _ in range(repeats):
-                _sync(device)
-                start = time.perf_counter()
-                images = sampler.sample(1, range(n), c if mode != "none" else None, u if mode == "manifold" else None)
-                _sync(device)
-                best = min(best, time.perf_counter() - start)
-            assert images.shape[0] == n
+            best = min(sample_once(prior, mode, n, steps, device, tangent_dim) for _ in range(repeats))
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             ips = n / best
             is_xl = prior.transformer.config.num_layers == XL["num_layers"] and prior.latent_shape[1] == 32
@@ -115,7 +159,10 @@ def main(argv=None):
     modes = args.modes.split(",")
     if args.smoke:
         prior = build_prior(TINY, TINY_VAE, "cpu")
-        return run([2, 4], modes, steps=3, device="cpu", prior=prior)
+        results = run([2, 4], modes, steps=3, device="cpu", prior=prior)
+        if "none" in modes and len(modes) > 1:
+            guidance_ratio(prior, 2, modes, steps=3, device="cpu", rounds=1)
+        return results
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --smoke for the CPU path")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -125,19 +172,14 @@ def main(argv=None):
     prior = build_prior(XL, SD_VAE, args.device, dtype=torch.bfloat16)
     print(f"random-init DiT-XL/2 + SD-VAE in bf16 built in {time.perf_counter() - start:.1f} s; "
           f"image {prior.image_size} px, latents {prior.latent_shape}")
-    run([2], ["manifold"], steps=2, device=args.device, prior=prior)  # warm-up: kernels, allocator
-    print("--- measured ---")
+    print("--- measured (each shape warmed up first) ---")
     results = run([int(b) for b in args.batches.split(",")], modes, steps=args.steps, device=args.device,
                   prior=prior)
     best = max(r["tflops"] for r in results)
     print(f"best: {best:.0f} TFLOP/s of DiT work = {100 * best / H200_BF16_DENSE_TFLOPS:.0f}% of the "
           f"H200's {H200_BF16_DENSE_TFLOPS:.0f} TFLOP/s dense bf16 (decode and guidance are extra work)")
-    for mode in modes:
-        rows = {r["batch"]: r["images_per_s"] for r in results if r["guidance"] == mode}
-        if "none" in modes and mode != "none":
-            base = {r["batch"]: r["images_per_s"] for r in results if r["guidance"] == "none"}
-            ratio = ", ".join(f"{b}: {base[b] / rows[b]:.3f}" for b in rows)
-            print(f"time {mode}/none by batch: {ratio}")
+    if "none" in modes and len(modes) > 1:
+        guidance_ratio(prior, 64, modes, steps=args.steps, device=args.device)
     return results
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ops.backend import array_module, check_finite_matrix, to_numpy
-from ops.kmeans import DEFAULT_TOL, choose_backend, two_means, two_means_cuml
+from ops.backend import array_module, check_finite_matrix
+from ops.kmeans import DEFAULT_TOL, all_rows_equal, choose_backend, finish_split, read_back, two_means, two_means_cuml
 
 
 class TooFewPointsWarning(UserWarning):
@@ -152,7 +152,10 @@ def build_divisive_tree(X, max_leaves: int, *, seed: int = 0, n_init: int | None
     sq = xp.einsum("ij,ij->i", Xg, Xg).astype(xp.float64)
     workspace = np.empty_like(Xg) if xp is np else None
     root_sum = Xg.sum(axis=0, dtype=xp.float64)
-    root_sse = max(float(sq.sum()) - float((root_sum * root_sum).sum()) / n, 0.0)
+    # |x|^2 of every row also on the host (one transfer with the root's |sum|^2): node SSEs are sums of it
+    host = read_back([sq, (root_sum * root_sum).sum()])
+    sq_host, root_sum_sq = host[:n], float(host[n])
+    root_sse = max(float(sq_host.sum()) - root_sum_sq / n, 0.0)
     tol_abs = tol * root_sse / (n * X.shape[1])
     tree = DivisiveTree(nodes=[TreeNode(0, -1, 0, np.arange(n), (offset + root_sum / n).astype(X.dtype),
                                         root_sse)], n_points=n, seed=int(seed))
@@ -164,7 +167,8 @@ def build_divisive_tree(X, max_leaves: int, *, seed: int = 0, n_init: int | None
         node = tree.nodes[node_id]
         split = None
         if node.size >= 2:
-            split = _bisect(Xg, sq, sums.pop(node_id), node, workspace, int(seed), n_init, tol_abs, backend)
+            split = _bisect(Xg, sq, sq_host, sums.pop(node_id), node, workspace, int(seed), n_init, tol_abs,
+                            backend)
         if split is None:
             tree.unsplittable.add(node_id)
             continue
@@ -196,42 +200,43 @@ def _rows(Xg, members: np.ndarray, workspace):
     return Xg[xp.asarray(members)]
 
 
-def _all_rows_equal(A) -> bool:
-    """Exact test; stops at the first block that differs, so ordinary nodes pay for a row or two."""
-    start, step = 1, 1
-    while start < A.shape[0]:
-        if not bool((A[start:start + step] == A[0]).all()):
-            return False
-        start, step = start + step, min(step * 4, 1024)
-    return True
-
-
-def _bisect(Xg, sq_all, node_sum, node: TreeNode, workspace, seed: int, n_init, tol_abs: float,
+def _bisect(Xg, sq_all, sq_host, node_sum, node: TreeNode, workspace, seed: int, n_init, tol_abs: float,
             backend: str):
-    """Split one node; returns [(members, member sum, sse)] x 2, or None when it cannot be split."""
+    """Split one node; returns [(members, member sum, sse)] x 2, or None when it cannot be split.
+
+    Device-to-host transfers: those of ``two_means`` (see there), nothing else; the SSEs of the children
+    are sums of the host copy of |x|^2."""
     xp = array_module(Xg)
     Xn = _rows(Xg, node.members, workspace)
-    if _all_rows_equal(Xn):
-        node.sse = 0.0  # the SSE formula leaves float dust; identical points have none
-        return None
-    sq = sq_all if Xn is Xg else sq_all[node.members if xp is np else xp.asarray(node.members)]
+    whole = Xn is Xg
+    sq = sq_all if whole else sq_all[node.members if xp is np else xp.asarray(node.members)]
+    sq_node = sq_host if whole else sq_host[node.members]
     n = Xn.shape[0]
     k = n_init or _auto_n_init(*Xn.shape)
     node_seed = np.random.SeedSequence([seed, node.id])
     if backend == "cuml":
+        if all_rows_equal(Xn):
+            node.sse = 0.0
+            return None
         labels = two_means_cuml(Xn, int(node_seed.generate_state(1)[0]), n_init=k)
+        if labels is None:
+            return None
+        labels, s1, s0, norms = finish_split(Xn, labels, node_sum)
+        host = read_back([norms, labels])
+        norms, labels_host = host[:2], host[2:] > 0.5
     else:
-        labels = two_means(Xn, sq, node_sum, np.random.default_rng(node_seed), n_init=k, tol_abs=tol_abs)
-    if labels is None:
-        return None
-    # Child statistics once per split from one matrix-vector product.
-    s1 = (labels.astype(Xn.dtype) @ Xn).astype(xp.float64)
-    s0 = node_sum - s1
-    n1 = int(labels.sum())
+        split = two_means(Xn, sq, sq_node, node_sum, np.random.default_rng(node_seed), n_init=k, tol_abs=tol_abs)
+        if split is None:
+            return None
+        if split.identical:
+            node.sse = 0.0  # the SSE formula leaves float dust; identical points have none
+            return None
+        labels_host, s1, s0, norms = split.labels_host, split.s1, split.s0, split.norms
+    # Child statistics: the sums come with the split (one matrix-vector product), the SSEs from |x|^2.
+    n1 = int(labels_host.sum())
     n0 = n - n1
-    sse1 = float(sq[labels].sum()) - float((s1 * s1).sum()) / n1
-    sse0 = float(sq[~labels].sum()) - float((s0 * s0).sum()) / n0
-    labels_host = to_numpy(labels)
+    sse1 = float(sq_node[labels_host].sum()) - float(norms[0]) / n1
+    sse0 = float(sq_node[~labels_host].sum()) - float(norms[1]) / n0
     return [(node.members[~labels_host], s0, max(sse0, 0.0)), (node.members[labels_host], s1, max(sse1, 0.0))]
 
 

@@ -15,6 +15,12 @@ Speed notes (why the code looks the way it does; measured on 2 cores, D = 4,096 
 - Several starts run side by side for two steps (a column each in the same products), then only the
   best continues; its later steps update the cluster sum from the few points that changed side.
 - A 1-column GEMM is 3-4x slower than a matrix-vector product in OpenBLAS, so single columns use the latter.
+- On a GPU every value read back to the host is a synchronisation, so the reads are batched (``read_back``):
+  one per Lloyd step of the 2-means winner and of the baseline, a few more per split (see ``two_means``).
+  With numpy's arithmetic (the host, and the GPU path run on numpy by tests/test_host_syncs.py) the results
+  are bit for bit those of the unbatched code. On CuPy the zero-filled masked sums (``_rows_sum``) reduce in
+  CuPy's own grouping, so a Lloyd step's running sum may differ in its last bit from a gathered sum; it only
+  steers the steps, and the tree's sums and SSEs come from the final labels.
 """
 from __future__ import annotations
 
@@ -43,75 +49,177 @@ def _sample_d2(d2_host: np.ndarray, rng: np.random.Generator) -> int:
     return int(rng.choice(weights.size, p=weights / total))
 
 
-def two_means(Xn, sq_norms, node_sum, rng: np.random.Generator, *, n_init: int = 4, tol_abs: float = 0.0,
-              max_iter: int = DEFAULT_MAX_ITER, explore_iter: int = 2):
+class Split:
+    """A 2-means split of one node, with what the divisive tree needs from it in one place.
+
+    labels: oriented boolean labels on Xn's device (the node's first row on side 0); labels_host: the same
+    on the host; s1, s0: float64 member sums of side 1 (``labels @ Xn``) and side 0 (``node_sum - s1``) on
+    the device; norms: host float64 ``[|s1|^2, |s0|^2]``. ``identical``: the node's rows are all equal (no
+    split; the other fields are None).
+    """
+
+    __slots__ = ("identical", "labels", "labels_host", "norms", "s0", "s1")
+
+    def __init__(self, labels=None, labels_host=None, s1=None, s0=None, norms=None, identical=False):
+        self.labels, self.labels_host, self.s1, self.s0, self.norms = labels, labels_host, s1, s0, norms
+        self.identical = identical
+
+
+IDENTICAL = Split(identical=True)
+
+
+def read_back(parts) -> np.ndarray:
+    """One device-to-host transfer of several device values, as one float64 vector (exact for the counts,
+    booleans and float32/float64 values it carries)."""
+    xp = array_module(parts[0])
+    return to_numpy(xp.concatenate([xp.reshape(p, (-1,)).astype(xp.float64) for p in parts]))
+
+
+def finish_split(Xn, labels, node_sum):
+    """(oriented labels, s1, s0, device [|s1|^2, |s0|^2]) of a final split, all on the device: see ``_oriented``."""
+    xp = array_module(Xn)
+    labels = _oriented(labels)
+    s1 = (labels.astype(Xn.dtype) @ Xn).astype(xp.float64)
+    s0 = node_sum - s1
+    return labels, s1, s0, xp.stack([(s1 * s1).sum(), (s0 * s0).sum()])
+
+
+def two_means(Xn, sq_norms, sq_host, node_sum, rng: np.random.Generator, *, n_init: int = 4,
+              tol_abs: float = 0.0, max_iter: int = DEFAULT_MAX_ITER, explore_iter: int = 2):
     """Seeded 2-means of the rows of ``Xn``: the best of ``n_init`` k-means++ starts.
 
     Xn: (n, D) float array (numpy or CuPy), best centred on the whole data set's mean as scikit-learn
     does (the formulas below subtract large numbers otherwise); sq_norms: (n,) float64 |x|^2 of its
-    rows; node_sum: (D,) float64 sum of its rows, so that the cluster-0 sum is node_sum - s1 for free.
-    tol_abs: stop when the squared centre shift (both centres) is at most this.
+    rows on Xn's device, sq_host: the same on the host; node_sum: (D,) float64 sum of its rows, so that
+    the cluster-0 sum is node_sum - s1 for free. tol_abs: stop when the squared centre shift (both
+    centres) is at most this.
     All starts run ``explore_iter`` Lloyd steps side by side; the one with the lowest SSE then runs to
     convergence (labels unchanged, shift <= tol_abs, or ``max_iter``). Pruning early keeps several starts
     cheap: after two steps the ranking of 2-means starts rarely changes, and most steps are spent later.
-    Returns boolean labels (n,) on Xn's device, the node's first row always False (see ``_oriented``), or
-    None when no start separates the points (numerically identical points).
+    Returns a ``Split`` (``IDENTICAL`` when every row is the same), or None when no start separates the
+    points (numerically identical points).
+
+    Host round trips (each one a synchronisation on a GPU) are batched: one for the k-means++ draws (with
+    the all-rows-equal test), one for the first two exploration steps (the second is computed before the
+    first is read, and recomputed only if a start died), and one per Lloyd step of the winner, which
+    carries the previous step's centre shift, this step's moved counts and, on a GPU, the finished split
+    of the current labels, so the step that stops needs no further transfer.
     """
     xp = array_module(Xn)
+    on_device = xp is not np
     n = Xn.shape[0]
     k = max(1, min(int(n_init), n - 1))
-    total_sq = float(sq_norms.sum())
+    total_sq = float(sq_host.sum())
 
     # k-means++ for two centres: a uniform first point per start, then a D^2-weighted second one.
     first = rng.choice(n, size=k, replace=False)
     A = Xn[xp.asarray(first)]
     d2 = sq_norms[:, None] - 2.0 * _matmul_columns(Xn, A.T) + (A * A).sum(axis=1, dtype=xp.float64)[None, :]
-    d2_host = to_numpy(d2)
+    if on_device:  # the exact all-equal test rides along with the draws' distances
+        host = read_back([(Xn == Xn[0]).all(), d2])
+        identical, d2_host = bool(host[0]), host[1:].reshape(n, k)
+    else:
+        identical, d2_host = all_rows_equal(Xn), d2
+    if identical:
+        return IDENTICAL
     second = np.array([_sample_d2(d2_host[:, j], rng) for j in range(k)])
     usable = np.flatnonzero(second >= 0)
     if usable.size == 0:
         return None
     C1, C0 = A[xp.asarray(usable)], Xn[xp.asarray(second[usable])]
 
-    # Exploration: every start, side by side, a few steps.
-    L = sse = None
-    for _ in range(max(1, explore_iter)):
-        L = _assign_two(Xn, C1, C0)
-        C1, C0, sse = _centres_from_labels(Xn, L, node_sum, total_sq)
+    # Exploration: every start, side by side, a few steps; step t + 1 is computed before step t is read.
+    explore = max(1, explore_iter)
+    L, C1, C0, stats = _explore_step(Xn, C1, C0, node_sum)
+    known = spec = spec_known = None
+    for t in range(explore):
+        last = t + 1 == explore
+        if known is None:
+            if last:
+                known = read_back([stats]).reshape(3, -1)
+            else:
+                spec = _explore_step(Xn, C1, C0, node_sum)
+                both = read_back([xp.concatenate([stats, spec[3]], axis=1)]).reshape(3, -1)
+                m = C1.shape[0]
+                known, spec_known = both[:, :m], both[:, m:]
+        sse, n1s = _pair_sse(known, n, total_sq)
         ok = np.isfinite(sse)
         if not ok.any():
             return None
         if not ok.all():
             keep = xp.asarray(np.flatnonzero(ok))
-            L, C1, C0, sse = L[:, keep], C1[keep], C0[keep], sse[ok]
+            L, C1, C0, sse, n1s = L[:, keep], C1[keep], C0[keep], sse[ok], n1s[ok]
+            spec = None  # computed from every start: redo the next step from the survivors
+        if last:
+            break
+        if spec is not None:
+            (L, C1, C0, stats), known, spec = spec, spec_known, None
+        else:
+            (L, C1, C0, stats), known = _explore_step(Xn, C1, C0, node_sum), None
     j = int(np.argmin(sse))
     labels, c1, c0 = L[:, j], C1[j], C0[j]
-    n1 = int(labels.sum())
+    n1 = int(n1s[j])
     # The winner: the cluster-1 sum is kept up to date from the points that changed side, which after
     # the first steps are few, so an iteration costs about one matrix-vector product.
     s1 = c1.astype(xp.float64) * n1  # float32 mean x count: exact enough to steer Lloyd; final sums are exact
-    for _ in range(max_iter):
-        new = _assign_two(Xn, c1[None, :], c0[None, :])[:, 0]
+    new = _assign_two(Xn, c1[None, :], c0[None, :])[:, 0]
+    shift = done = None
+    for step in range(max_iter):
         moved_in = new & ~labels
         moved_out = labels & ~new
-        n_in, n_out = int(moved_in.sum()), int(moved_out.sum())
+        parts = ([shift] if shift is not None else []) + [moved_in.sum(), moved_out.sum()]
+        if on_device:  # the split as it stands, in case this step stops
+            done = finish_split(Xn, labels, node_sum)
+            parts += [done[3], done[0]]
+        host = read_back(parts)
+        if shift is not None:
+            if host[0] <= tol_abs:
+                break
+            host = host[1:]
+        n_in, n_out = int(host[0]), int(host[1])
         if n_in + n_out == 0:
             break
         n1_new = n1 + n_in - n_out
         if n1_new == 0 or n1_new == n:  # only float ties can empty a side; keep the last good split
             break
-        labels, n1 = new, n1_new
+        labels, n1, done = new, n1_new, None
         if n_in + n_out > n // 4:
             s1 = (labels.astype(Xn.dtype) @ Xn).astype(xp.float64)
         else:
-            s1 = s1 + Xn[moved_in].sum(axis=0, dtype=xp.float64) - Xn[moved_out].sum(axis=0, dtype=xp.float64)
+            s1 = s1 + _rows_sum(Xn, moved_in) - _rows_sum(Xn, moved_out)
         new_c1 = (s1 / n1).astype(Xn.dtype)
         new_c0 = ((node_sum - s1) / (n - n1)).astype(Xn.dtype)
-        shift = float(((new_c1 - c1) ** 2).sum() + ((new_c0 - c0) ** 2).sum())
+        shift = ((new_c1 - c1) ** 2).sum() + ((new_c0 - c0) ** 2).sum()
         c1, c0 = new_c1, new_c0
-        if shift <= tol_abs:
-            break
-    return _oriented(labels)
+        if step + 1 < max_iter:
+            new = _assign_two(Xn, c1[None, :], c0[None, :])[:, 0]
+    if done is None:
+        done = finish_split(Xn, labels, node_sum)
+        host = read_back([done[3], done[0]])
+    else:
+        host = host[-(n + 2):]
+    labels, s1, s0, _ = done
+    return Split(labels, host[2:] > 0.5, s1, s0, host[:2])
+
+
+def _rows_sum(Xn, mask):
+    """float64 sum of the rows of ``Xn`` where ``mask``. On a GPU a boolean gather must read back how many
+    rows it selects; there the other rows are zeroed instead, which adds the same terms in the same order
+    (plus exact zeros), so the sum is the same."""
+    xp = array_module(Xn)
+    if xp is np:
+        return Xn[mask].sum(axis=0, dtype=np.float64)
+    return xp.where(mask[:, None], Xn, 0).sum(axis=0, dtype=xp.float64)
+
+
+def all_rows_equal(A) -> bool:
+    """Exact test on the host; stops at the first block that differs, so ordinary nodes pay for a row or two."""
+    start, step = 1, 1
+    while start < A.shape[0]:
+        if not bool((A[start:start + step] == A[0]).all()):
+            return False
+        start, step = start + step, min(step * 4, 1024)
+    return True
 
 
 def _oriented(labels):
@@ -120,9 +228,10 @@ def _oriented(labels):
     Several starts often reach the same partition with the sides swapped, and which of them wins the
     SSE comparison is decided by float rounding, which differs between BLAS and cuBLAS. Fixing the
     orientation makes the children's order (and so node ids and the per-node seeds below them) a
-    function of the partition alone, so numpy and CuPy build the same tree.
+    function of the partition alone, so numpy and CuPy build the same tree. (An exclusive or with the
+    first label: no host round trip.)
     """
-    return ~labels if bool(labels[0]) else labels
+    return labels ^ labels[0]
 
 
 def _matmul_columns(A, B):
@@ -143,19 +252,31 @@ def _assign_two(Xn, C1, C0):
     return _matmul_columns(Xn, W) > b.astype(Xn.dtype)[None, :]
 
 
-def _centres_from_labels(Xn, L, node_sum, total_sq: float):
-    """Means of both sides of each column of L, and each partition's SSE (inf when a side is empty)."""
+def _explore_step(Xn, C1, C0, node_sum):
+    """One Lloyd step of every start: (labels (n, k), new C1, new C0, device stats (3, k)).
+
+    stats rows: side-1 counts, |c1|^2 and |c0|^2 of the float64 means (``_pair_sse`` turns them into each
+    partition's SSE on the host)."""
     xp = array_module(Xn)
     n = Xn.shape[0]
-    n1 = to_numpy(L.sum(axis=0)).astype(np.float64)
+    L = _assign_two(Xn, C1, C0)
+    n1 = L.sum(axis=0).astype(xp.float64)
     S1 = _matmul_columns(Xn.T, L.astype(Xn.dtype)).T.astype(xp.float64)
+    n1_safe = xp.clip(n1, 1, n - 1)
+    C1 = S1 / n1_safe[:, None]
+    C0 = (node_sum[None, :] - S1) / (n - n1_safe)[:, None]
+    stats = xp.stack([n1, (C1 * C1).sum(axis=1), (C0 * C0).sum(axis=1)])
+    return L, C1.astype(Xn.dtype), C0.astype(Xn.dtype), stats
+
+
+def _pair_sse(stats: np.ndarray, n: int, total_sq: float):
+    """(SSE of each two-way partition around its own means, inf when a side is empty; side-1 counts), from
+    host stats: sum |x|^2 - n1 |c1|^2 - n0 |c0|^2."""
+    n1, c1sq, c0sq = stats
     n1_safe = np.clip(n1, 1, n - 1)
-    C1 = S1 / xp.asarray(n1_safe)[:, None]
-    C0 = (node_sum[None, :] - S1) / xp.asarray(n - n1_safe)[:, None]
-    # SSE of a two-way partition around its own means: sum |x|^2 - n1 |c1|^2 - n0 |c0|^2.
-    sse = total_sq - n1_safe * to_numpy((C1 * C1).sum(axis=1)) - (n - n1_safe) * to_numpy((C0 * C0).sum(axis=1))
+    sse = total_sq - n1_safe * c1sq - (n - n1_safe) * c0sq
     sse[(n1 == 0) | (n1 == n)] = np.inf
-    return C1.astype(Xn.dtype), C0.astype(Xn.dtype), sse
+    return sse, n1
 
 
 def two_means_cuml(Xn, seed: int, *, n_init: int = 4, max_iter: int = DEFAULT_MAX_ITER,
@@ -208,8 +329,7 @@ def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 300, to
         labels = None
         for _ in range(max_iter):
             labels, d2 = _assign(Xc, sq, centers)
-            new = _update(Xc, labels, d2, centers)
-            shift = float(((new - centers) ** 2).sum())
+            new, shift = _update(Xc, labels, d2, centers)
             centers = new
             if shift <= tol_abs:
                 break
@@ -243,16 +363,20 @@ def _assign(Xc, sq, centers):
 
 
 def _update(Xc, labels, d2, centers):
+    """(new centres, their squared shift from ``centers``) after one Lloyd step; an emptied cluster takes the
+    point farthest from its centre. One host read (the counts with the shift) unless a cluster emptied."""
     xp = array_module(Xc)
     k = centers.shape[0]
     onehot = (labels[:, None] == xp.arange(k)[None, :]).astype(Xc.dtype)
     counts = onehot.sum(axis=0)
     new = (onehot.T @ Xc) / xp.maximum(counts, 1)[:, None]
-    empty = np.flatnonzero(to_numpy(counts) == 0)
-    if empty.size:
-        far = np.argsort(-to_numpy(d2), kind="stable")[: empty.size]
-        new[xp.asarray(empty)] = Xc[xp.asarray(far)]
-    return new
+    host = read_back([counts, ((new - centers) ** 2).sum()])
+    empty = np.flatnonzero(host[:k] == 0)
+    if not empty.size:
+        return new, float(host[k])
+    far = np.argsort(-to_numpy(d2), kind="stable")[: empty.size]
+    new[xp.asarray(empty)] = Xc[xp.asarray(far)]
+    return new, float(((new - centers) ** 2).sum())
 
 
 def _sse(X, labels, centers) -> float:

@@ -24,6 +24,7 @@ from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import OutputDir
 from pipeline.config import DistillConfig, ModelConfig
+from pipeline.distill.vae_encode import encode_pixels
 from pipeline.inputs import datasets
 from pipeline.inputs.preprocess import decode_image
 from pipeline.models.refs import load_vae
@@ -51,20 +52,6 @@ def decode_batch(batch: dict, *, image_size: int, hflip: bool, seed: int) -> dic
         errors.append(reason)
     return {"id": batch["id"], "class_name": batch["class_name"], "label": batch["label"],
             "pixels": pixels, "error": np.asarray(errors, dtype=object)}
-
-
-def encode_pixels(vae, pixels: np.ndarray, device, dtype):
-    """uint8 (B, H, W, 3) -> flattened latents (B, C*h*w) float32: (posterior mean - shift) x scale.
-
-    The inverse of the sampler's decode, so centroids live in the space x_t lives in.
-    """
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    x = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).to(torch.float32)
-    x = (x / 127.5 - 1.0).to(dtype)
-    with torch.inference_mode():
-        mean = vae.encode(x).latent_dist.mean
-    return ((mean.float() - shift) * scale).reshape(len(pixels), -1).cpu().numpy()
 
 
 class VAEEncoder:

@@ -1,4 +1,5 @@
-"""Stage 2: per class, the divisive tree, the IPC centroids and their local tangent bases.
+"""Stage 2: per class, the divisive tree, the IPC centroids and their local tangent bases
+(``pipeline.distill.class_plan.plan_class``, which has no Ray; this module runs it as Ray tasks).
 
 One Ray task per class reads only that class's latents (parquet partition), so the driver never holds
 all latents. Output: ``_work/centroids/<class>.npz`` written atomically; an existing file is reused.
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import io
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,25 +16,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import ray
 
-from ops.backend import array_module, resolve_backend, to_numpy
-from ops.bases import pad_basis
-from ops.selection import select_ipc_nodes
-from ops.tangent import (
-    annealed_bases,
-    default_radius,
-    neighbourhood,
-    tangent_basis,
-    tangent_basis_by_variance,
-)
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import OutputDir, atomic_write_bytes
 from pipeline.config import DistillConfig
+from pipeline.distill.class_plan import expand_bases, guided_steps, plan_class, tangent_plan  # noqa: F401 - re-exported
 
 log = get_logger().info
-
-def guided_steps(num_steps: int, t_stop: int) -> int:
-    """Guided steps are respaced indices t = num_steps-1 ... t_stop+1: the first num_steps-1-t_stop."""
-    return max(0, num_steps - 1 - t_stop)
 
 
 def read_class_latents(latents_dir: Path, class_name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -68,78 +55,6 @@ def latent_matrix(column) -> np.ndarray:
     if n == 0 or values.size % n:
         raise ValueError(f"latent rows of unequal length: {values.size} values in {n} rows")
     return values.reshape(n, -1)
-
-
-def _basis(points, dim: int, variance_fraction: float, route: str):
-    if variance_fraction > 0:
-        return tangent_basis_by_variance(points, variance_fraction, max_dim=dim, route=route)
-    return tangent_basis(points, dim, route=route)
-
-
-def tangent_plan(X, centroid, members, cfg: DistillConfig, n_steps: int):
-    """(bases (M, D, dim), step_index (n_steps,)) for one centroid, per the configured neighbourhood.
-
-    ``X`` and ``centroid`` on the backend's device (numpy or CuPy); the result is on the host."""
-    t = cfg.tangent
-    xp = array_module(X)
-    dim = min(t.dim, X.shape[0] - 1)
-    if dim < 1:  # a single distinct image: no direction to follow, guidance becomes zero
-        return np.zeros((1, X.shape[1], t.dim), np.float32), np.zeros(n_steps, np.int64)
-    if t.neighbourhood == "radius" and t.variance_fraction == 0:
-        radius = default_radius(X, centroid, t.neighbours)
-        if radius > 0:
-            bases, index = annealed_bases(X, centroid, dim=dim, radius=radius, n_steps=max(n_steps, 1),
-                                          warm_steps=t.warm_steps, schedule=t.schedule,
-                                          max_multiplier=t.max_multiplier, max_neighbours=t.max_neighbours,
-                                          route=t.route)
-            stacked = xp.stack([pad_basis(b, t.dim) for b in bases]).astype(xp.float32)
-            return to_numpy(stacked), to_numpy(index)[:n_steps]
-    if t.neighbourhood == "node" and len(members) > dim:
-        points = X[xp.asarray(members)]
-    else:
-        points = X[neighbourhood(X, centroid, 0.0, min_count=min(max(t.neighbours, dim + 1), X.shape[0]))]
-    basis = pad_basis(_basis(points, dim, t.variance_fraction, t.route), t.dim).astype(xp.float32)
-    return to_numpy(basis)[None], np.zeros(n_steps, np.int64)
-
-
-def plan_class(X: np.ndarray, cfg: DistillConfig) -> dict:
-    """Centroids and tangent bases for one class's latents (N, D), on ``cluster.backend``'s device; the
-    plan comes back on the host."""
-    c = cfg.cluster
-    backend = resolve_backend(c.backend)
-    Xd = backend.asarray(X)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        sel = select_ipc_nodes(Xd, cfg.ipc, method=c.method, branching=c.branching,
-                               start_level=None if c.start_level < 0 else c.start_level,
-                               centroid=c.centroid, seed=cfg.seed, backend=backend)
-    n_steps = guided_steps(cfg.sampler.num_steps, cfg.sampler.t_stop)
-    bases, offsets, steps = [], [0], []
-    for i in range(cfg.ipc):
-        b, idx = tangent_plan(Xd, sel.centroids[i], sel.members[i], cfg, n_steps)
-        bases.append(b)
-        offsets.append(offsets[-1] + len(b))
-        steps.append(idx)
-    return {
-        "centroids": to_numpy(sel.centroids).astype(np.float32),
-        "node_ids": np.asarray(sel.node_ids, dtype=np.int64),
-        "levels": np.asarray(sel.levels, dtype=np.int64),
-        "repeated": np.asarray(bool(sel.repeated)),
-        "n_unique": np.asarray(int(sel.n_unique)),
-        "n_images": np.asarray(X.shape[0]),
-        "bases": np.concatenate(bases).astype(np.float32),
-        "offsets": np.asarray(offsets, dtype=np.int64),
-        "step_index": np.stack(steps).astype(np.int64).reshape(cfg.ipc, n_steps),
-        "backend": np.asarray(backend.name),
-        "warnings": np.asarray([str(w.message) for w in caught], dtype=str),
-    }
-
-
-def expand_bases(plan: dict) -> np.ndarray:
-    """(n, S, D, d) per-sample, per-guided-step bases from the compact per-class plan."""
-    offsets, step_index = plan["offsets"], plan["step_index"]
-    flat = offsets[:-1, None] + step_index
-    return plan["bases"][flat]
 
 
 def run_class(latents_dir: str, class_name: str, cfg: DistillConfig, out_path: str) -> dict:
