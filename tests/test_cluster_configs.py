@@ -334,6 +334,28 @@ def test_the_walkthrough_waits_builds_for_the_nodes_and_states_the_worst_case():
     assert f"{hours:.0f} hours of {gpus} GPUs, **{hours * gpus:.0f} GPU-hours**" in flat  # from the manifest's numbers
     assert "512 MiB" in text and "100 MiB" not in text and "100 MiB" not in readme
 
+
+def test_every_claim_exists_and_the_init_step_prepares_what_the_run_writes():
+    claims = {d["metadata"]["name"] for d in _load("kuberay-volumes.yaml") if d["kind"] == "PersistentVolumeClaim"}
+    job = _job()
+    argv = shlex.split(job["spec"]["entrypoint"])
+    out = argv[argv.index("--out") + 1]
+    for name in ("kuberay-raycluster.yaml", "kuberay-rayjob.yaml", "kuberay-staging.yaml"):
+        doc = _load(name)[0]
+        pods = [doc["spec"]] if doc["kind"] == "Pod" else [pod for _, pod in cfgcheck.pod_specs(doc)]
+        for pod in pods:
+            used = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+            assert used <= claims, (name, used - claims)
+        head = pods[0]
+        (init,) = head["initContainers"]
+        script = init["command"][-1]
+        assert init["securityContext"]["runAsUser"] == 0  # root, to chown a root-owned volume
+        hf_home = next(e["value"] for c in head["containers"] for e in c.get("env", []) if e["name"] == "HF_HOME") \
+            if doc["kind"] != "Pod" else "/shared/hf"
+        for folder in (str(Path(out).parent), hf_home):  # --out's parent and HF_HOME: created and given to uid 1000
+            assert f" {folder}" in script.split("&&")[0] and re.search(rf"chown (-R )?1000:100 [^&]*{folder}", script), \
+                (name, folder, script)
+
 # ------------------------------------------------------------------------------------ deployment agreement
 def _containers(doc: dict) -> list[dict]:
     return [c for _, pod in cfgcheck.pod_specs(doc) for c in pod.get("containers", [])]
