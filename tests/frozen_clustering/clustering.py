@@ -1,4 +1,4 @@
-"""Hierarchical divisive k-means (METHOD.md section 2); the IPC selection on its trees is ``ops.selection``.
+"""Hierarchical divisive k-means (docs/method.md section 2); the IPC selection on its trees is ``ops.selection``.
 
 ``build_divisive_tree`` grows a binary tree by always bisecting the leaf with the largest SSE with a seeded
 2-means (``ops.kmeans``); ``divisive_kmeans`` is its leaf partition.

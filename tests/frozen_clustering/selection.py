@@ -1,4 +1,4 @@
-"""The multi-scale IPC centroid selection on a divisive tree, and the k-means baseline (METHOD.md section 2).
+"""The multi-scale IPC centroid selection on a divisive tree, and the k-means baseline (docs/method.md section 2).
 
 ``select_ipc_nodes`` picks ``ipc`` nodes of a tree grown past ``ipc`` leaves by the level-wise rule
 documented on that function and in docs/clustering.md; ``select_ipc_centroids`` returns just their
