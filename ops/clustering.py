@@ -219,7 +219,7 @@ def _bisect(Xg, sq_all, node_sum, node: TreeNode, workspace, seed: int, n_init, 
     k = n_init or _auto_n_init(*Xn.shape)
     node_seed = np.random.SeedSequence([seed, node.id])
     if backend == "cuml":
-        labels = two_means_cuml(Xn, int(node_seed.generate_state(1)[0]), n_init=k)
+        labels = two_means_cuml(Xn, int(node_seed.generate_state(1)[0]), n_init=k, tol_abs=tol_abs)
     else:
         labels = two_means(Xn, sq, node_sum, np.random.default_rng(node_seed), n_init=k, tol_abs=tol_abs)
     if labels is None:
