@@ -74,7 +74,8 @@ def cuml_problem() -> str:
     if cupy_problem():
         return f"cuML needs CuPy with a CUDA device: {cupy_problem()}"
     if importlib.util.find_spec("cuml") is None:
-        return "cuML is not installed (pip install 'manifoldgd[rapids]', RAPIDS for CUDA 12)"
+        return ("cuML is not installed (pip install 'manifoldgd[rapids]' for CUDA 13, "
+                "'manifoldgd[rapids-cuda12]' for CUDA 12)")
     try:
         import cuml  # noqa: F401, PLC0415
     except Exception as err:

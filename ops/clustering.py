@@ -218,7 +218,7 @@ def _bisect(Xg, sq_all, sq_host, node_sum, node: TreeNode, workspace, seed: int,
         if all_rows_equal(Xn):
             node.sse = 0.0
             return None
-        labels = two_means_cuml(Xn, int(node_seed.generate_state(1)[0]), n_init=k)
+        labels = two_means_cuml(Xn, int(node_seed.generate_state(1)[0]), n_init=k, tol_abs=tol_abs)
         if labels is None:
             return None
         labels, s1, s0, norms = finish_split(Xn, labels, node_sum)

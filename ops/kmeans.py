@@ -279,17 +279,36 @@ def _pair_sse(stats: np.ndarray, n: int, total_sq: float):
     return sse, n1
 
 
-def two_means_cuml(Xn, seed: int, *, n_init: int = 4, max_iter: int = DEFAULT_MAX_ITER,
-                   tol: float = DEFAULT_TOL):
+def tol_from_variance(X, tol: float) -> float:
+    """``tol`` x the mean per-feature variance of ``X`` (in float64): the absolute bound on the squared centre
+    shift that this module's kernels stop at, as scikit-learn scales its ``tol``."""
+    xp = array_module(X)
+    return float(tol) * float(X.var(axis=0, dtype=xp.float64).mean())
+
+
+def cuml_tol(tol_abs: float) -> float:
+    """The ``tol`` to hand cuML for this module's stopping rule.
+
+    cuML passes ``tol`` unscaled to its Lloyd loop, which stops when the squared centre shift summed over the
+    centres is *strictly below* it; this module stops when that shift is *at most* ``tol_abs`` (``tol`` already
+    scaled by the data's variance, ``tol_from_variance``), or when no label changes (a zero shift). The next
+    double above ``tol_abs`` turns cuML's ``<`` into ``<=``, and makes ``tol_abs = 0`` stop at a zero shift
+    instead of running to ``max_iter``.
+    """
+    return float(np.nextafter(max(float(tol_abs), 0.0), np.inf))
+
+
+def two_means_cuml(Xn, seed: int, *, n_init: int = 4, max_iter: int = DEFAULT_MAX_ITER, tol_abs: float = 0.0):
     """Labels of a cuML 2-means of the rows of ``Xn`` (same contract as ``two_means``).
 
     cuML's own seeding: ``init="scalable-k-means++"`` (k-means||) drawn by cuML from ``random_state=seed``,
     best of ``n_init``. It does not use the host generator of ``two_means``, so for the same seed the split
-    differs from the numpy/cupy one; the tree is reproducible for a given cuML version and GPU.
+    differs from the numpy/cupy one; the tree is reproducible for a given cuML version and GPU. It stops by
+    the same rule as ``two_means``: ``tol_abs`` is absolute (see ``cuml_tol``).
     """
     from cuml.cluster import KMeans  # noqa: PLC0415 - optional, GPU only
 
-    model = KMeans(n_clusters=2, n_init=int(n_init), max_iter=max_iter, tol=tol,
+    model = KMeans(n_clusters=2, n_init=int(n_init), max_iter=max_iter, tol=cuml_tol(tol_abs),
                    random_state=int(seed), init="scalable-k-means++", output_type="cupy")
     labels = model.fit(Xn).labels_.astype(bool)
     if bool(labels.all()) or not bool(labels.any()):
@@ -311,7 +330,9 @@ def kmeans(X, k: int, *, seed: int = 0, n_init: int = 3, max_iter: int = 300, to
     if backend == "cuml":
         from cuml.cluster import KMeans  # noqa: PLC0415 - optional, GPU only
 
-        model = KMeans(n_clusters=int(k), n_init=int(n_init), max_iter=max_iter, tol=tol,
+        # the same stopping point as the Lloyd loop below: tol scaled by X's variance, "<=" (see cuml_tol)
+        model = KMeans(n_clusters=int(k), n_init=int(n_init), max_iter=max_iter,
+                       tol=cuml_tol(tol_from_variance(X, tol)),
                        random_state=int(seed), init="scalable-k-means++", output_type="cupy")
         model.fit(X)
         xp = array_module(X)

@@ -3,7 +3,8 @@ GPUs, so the autoscaler adds GPU nodes; the run waits for them and runs there (n
 
 The cluster is Ray's fake multi-node provider on this machine, the one ``ray.cluster_utils.AutoscalingCluster``
 drives: a real autoscaler (monitor) process that launches a real raylet per node it decides to add. The GPUs
-are logical (no CUDA here): the VAE and sampling actors see no CUDA device and run on CPU, and say so.
+are logical (no CUDA here): with ``MANIFOLDGD_TEST_LOGICAL_GPUS`` set, the VAE and sampling actors that see no
+CUDA device run on CPU and say so (without it, runtime.device=cuda fails there: tests/test_device.py).
 
 ``AutoscalingCluster`` itself is not used, for two reasons found in Ray 2.60.0:
 - its constructor reads ``ray/autoscaler/_private/fake_multi_node/example.yaml``, which the wheel does not
@@ -50,13 +51,15 @@ def fake_autoscaling_config(gcs_address: str, head_cpus: int, worker_types: dict
     }
 
 
-def test_device_cuda_waits_for_and_runs_on_the_gpu_nodes_the_autoscaler_adds(tmp_path, tiny_prior):
+def test_device_cuda_waits_for_and_runs_on_the_gpu_nodes_the_autoscaler_adds(tmp_path, tiny_prior, monkeypatch):
     import ray
     from ray.autoscaler._private.fake_multi_node.node_provider import FAKE_HEAD_NODE_ID
     from ray.util.state import list_actors, list_tasks
 
     from pipeline.cli import main
+    from pipeline.common.device import LOGICAL_GPUS_ENV
 
+    monkeypatch.setenv(LOGICAL_GPUS_ENV, "1")  # the GPUs are logical: run on CPU under runtime.device=cuda
     ray.shutdown()  # cluster tests run last; the session's private instance is not needed any more
     data = write_image_folder(tmp_path / "data", {c: 4 for c in "abc"})
     out = tmp_path / "out"
@@ -67,7 +70,7 @@ def test_device_cuda_waits_for_and_runs_on_the_gpu_nodes_the_autoscaler_adds(tmp
     config.write_text(json.dumps(fake_autoscaling_config(f"{ip}:{port}", 1, {"gpu_worker": gpu_worker})))
     temp_dir = tempfile.mkdtemp(prefix="rayautoscale", dir="/tmp")  # short: Ray's socket paths live under it
     env = dict(os.environ, RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
+               RAY_USAGE_STATS_ENABLED="0", **{LOGICAL_GPUS_ENV: "1"}, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
     head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", f"--port={port}", f"--autoscaling-config={config}",
                              "--num-cpus=1", "--num-gpus=0", f"--object-store-memory={150 * MB}", *head_port_flags(),
                              "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats",
@@ -104,6 +107,9 @@ def test_device_cuda_waits_for_and_runs_on_the_gpu_nodes_the_autoscaler_adds(tmp
     assert added and added <= gpu_nodes, (added, gpu_nodes)  # only GPU nodes were added, by the autoscaler
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["runtime"]["device"] == "cuda" and run["counts"]["images"] == 6
+    for stage in ("encode", "plan", "sample"):  # each worker was given a GPU and says it ran on CPU
+        assert run["devices"][stage] and all(r["gpu_ids"] and r["device"] == "cpu" and r["fallback"]
+                                             for r in run["devices"][stage]), (stage, run["devices"][stage])
     assert run["nodes_used"] and set(run["nodes_used"]) <= added, (run["nodes_used"], added)  # sampling units
     placed = [a for a in actors if a.node_id]  # an actor still pending when the run ended was never placed
     samplers = [a for a in placed if a.class_name == "ClassSampler"]

@@ -1,5 +1,6 @@
-"""runtime.device: with `cuda` the sampling actors ask Ray for GPUs (a logical GPU here: the work itself
-falls back to CPU), with `cpu` they never do, and `auto` follows what the cluster has."""
+"""runtime.device: with `cuda` the sampling actors ask Ray for GPUs, with `cpu` they never do, and `auto`
+follows what the cluster has. The GPU here is logical: under `auto` the work runs on CPU, says so, and
+records it (under `cuda` it fails: tests/test_device.py)."""
 from __future__ import annotations
 
 import time
@@ -23,22 +24,24 @@ def test_sampling_actors_request_and_get_the_gpu_resource(tmp_path):
         prior = save_tiny_prior(tmp_path / "prior", num_classes=4)
         classes, labels = list("ab"), {"a": 0, "b": 1}
         trees = {}
-        for device, share in (("cuda", 0.5), ("cpu", 1.0)):
+        for device, share in (("auto", 0.5), ("cpu", 1.0)):
             cfg, out = _stage_setup(tmp_path / device, prior, classes, ipc=2, max_batch=1)
             cfg.runtime.device, cfg.runtime.gpus_per_sample_actor = device, share
             options, _, dev, n = actor_plan(cfg)
-            if device == "cuda":
+            if device == "auto":  # the cluster has a GPU now
                 assert options == {"num_gpus": 0.5, "num_cpus": 1} and dev == "cuda" and n == 2
             else:
                 assert "num_gpus" not in options and dev == "cpu"
             res = sample_stage(cfg, classes, labels, out)
             gpu_ids = {g for r in res["units"] for g in r["gpu_ids"]}
-            assert gpu_ids == ({"0"} if device == "cuda" else set()), res["units"]
+            assert gpu_ids == ({"0"} if device == "auto" else set()), res["units"]
             assert {r["device"] for r in res["units"]} == {"cpu"}  # no CUDA here: the work falls back
+            workers = [r["worker"] for r in res["units"]]
+            assert all(w["device"] == "cpu" and bool(w["fallback"]) == (device == "auto") for w in workers), workers
             trees[device] = _tree(out)
-        assert trees["cuda"] == trees["cpu"]  # where it ran changes no byte
-        cfg.runtime.device = "auto"
-        assert actor_plan(cfg)[2] == "cuda"  # the cluster has a GPU now
+        assert trees["auto"] == trees["cpu"]  # where it ran changes no byte
+        cfg.runtime.device = "cuda"
+        assert actor_plan(cfg)[2] == "cuda"
     finally:
         ray.shutdown()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,9 +21,10 @@ import ray
 import ray.data
 import torch
 
+from pipeline.common.device import DeviceUnavailableError, device_error_line, summarize, torch_device
 from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
-from pipeline.common.outputs import OutputDir
+from pipeline.common.outputs import OutputDir, atomic_write_json
 from pipeline.config import DistillConfig, ModelConfig
 from pipeline.distill.vae_encode import encode_pixels
 from pipeline.inputs import datasets
@@ -32,6 +34,7 @@ from pipeline.models.refs import load_vae
 log = get_logger().info
 
 LATENT_COLUMNS = ("id", "class_name", "label", "latent", "error")
+DEVICES_DIR = "_devices"  # in the latents folder: one record per VAE actor (a "_" folder is no partition)
 
 
 def flip_for(row_id: str, seed: int) -> bool:
@@ -57,10 +60,16 @@ def decode_batch(batch: dict, *, image_size: int, hflip: bool, seed: int) -> dic
 class VAEEncoder:
     """Ray Data actor: loads the VAE once, encodes the rows that decoded."""
 
-    def __init__(self, model: dict, threads: int = 0, micro_batch: int = 64):
+    def __init__(self, model: dict, threads: int = 0, micro_batch: int = 64, device: str = "auto",
+                 report_dir: str = ""):
         if threads:
             torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        # device: runtime.device, or "cpu" where the driver asked Ray for no GPU (see pipeline/common/device.py)
+        self.worker = torch_device("encode", device)
+        self.device = "cuda" if self.worker.on_gpu else "cpu"
+        if report_dir:  # the driver collects one record per actor for run.json
+            atomic_write_json(Path(report_dir) / f"{self.worker.node_id[:16]}-{self.worker.pid}.json",
+                              self.worker.record())
         self.vae, self.dtype = load_vae(ModelConfig(**model), self.device)
         self.micro_batch = micro_batch
 
@@ -167,23 +176,36 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
     ds = input_dataset(listing)
     ds = ds.map_batches(functools.partial(decode_batch, image_size=image_size, hflip=cfg.data.hflip,
                                           seed=cfg.seed), batch_format="numpy", batch_size=64)
+    tmp = out.work / "latents.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
     ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
                                                             "threads": 0 if use_gpu else 1,
-                                                            "micro_batch": cfg.model.encode_batch},
+                                                            "micro_batch": cfg.model.encode_batch,
+                                                            "device": cfg.runtime.device if use_gpu else "cpu",
+                                                            "report_dir": str(tmp / DEVICES_DIR)},
                         batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
                         num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5)
-    tmp = out.work / "latents.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     if listing.kind == "parquet":
         # Parquet rows come in any class order: gather each class before writing, so a class is one file
         # (not one per input block, ~1e6 tiny files at ImageNet size) and stage 2 opens one file per class.
         ds = ds.groupby("class_name").map_groups(_same_rows, batch_format="pyarrow")
-    ds.write_parquet(str(tmp), partition_cols=["class_name"])
+    try:
+        ds.write_parquet(str(tmp), partition_cols=["class_name"])
+    except Exception as exc:
+        if device_error_line(exc):  # a VAE actor given a GPU torch cannot use, under runtime.device=cuda
+            raise DeviceUnavailableError(device_error_line(exc)) from None
+        raise
     (tmp / "_DONE").write_text("ok\n")
     shutil.rmtree(out.latents, ignore_errors=True)
     os.replace(tmp, out.latents)
     return {"skipped": False}
+
+
+def encode_devices(out: OutputDir) -> list[dict]:
+    """The device each VAE actor that made the latents used (``WorkerDevice.record``), one per actor."""
+    folder = out.latents / DEVICES_DIR
+    return summarize(json.loads(f.read_text()) for f in sorted(folder.glob("*.json"))) if folder.is_dir() else []
 
 
 def decode_failures(out: OutputDir) -> list[tuple[str, str]]:

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import ray
 
+from pipeline.common.device import cupy_device
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import OutputDir, atomic_write_bytes
 from pipeline.config import DistillConfig
@@ -61,7 +62,10 @@ def run_class(latents_dir: str, class_name: str, cfg: DistillConfig, out_path: s
     """Compute and save one class's plan (reused when it exists). Returns a small summary."""
     out = Path(out_path)
     start = time.perf_counter()
+    worker = None  # a plan found on disk (a resumed run) used no device in this run
     if not out.exists():
+        # Given a GPU share CuPy cannot use: an error under runtime.device=cuda, a warning under auto
+        worker = cupy_device("plan", cfg.runtime.device, cfg.cluster.backend)
         _, X = read_class_latents(Path(latents_dir), class_name)
         if X.shape[0] == 0:
             return {"class_name": class_name, "n_images": 0, "skipped": True, "seconds": 0.0}
@@ -74,6 +78,7 @@ def run_class(latents_dir: str, class_name: str, cfg: DistillConfig, out_path: s
                    "repeated": bool(plan["repeated"]), "warnings": [str(w) for w in plan["warnings"]],
                    "backend": str(plan["backend"]) if "backend" in plan.files else "numpy"}
     summary["seconds"] = time.perf_counter() - start
+    summary["worker"] = worker.record() if worker else None
     return summary
 
 

@@ -26,11 +26,12 @@ import ray
 import ray.data
 import torch
 
+from pipeline.common.device import DeviceUnavailableError, device_error_line, summarize
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_table
 from pipeline.common.ray_start import init_ray
 from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
-from pipeline.distill.encode import decode_failures, encode_stage, latent_counts
+from pipeline.distill.encode import decode_failures, encode_devices, encode_stage, latent_counts
 from pipeline.distill.plan import submit_plans
 from pipeline.distill.sample import UnitFailedError, sample_stage
 from pipeline.inputs.sources import builtin_names, list_source
@@ -195,6 +196,23 @@ TIMINGS_COVER = {
 }
 
 
+def stage_devices(out: OutputDir, plans: list[dict], sampled: list[dict]) -> dict:
+    """Per stage, the device each worker actually used (one record per worker process: its node, pid, the GPU
+    ids Ray gave it, the device it ran on, and why it fell back to CPU if it did). Plans and units this run
+    did not compute (a resume) have no record."""
+    return {"encode": encode_devices(out), "plan": summarize(p.get("worker") for p in plans),
+            "sample": summarize(r.get("worker") for r in sampled)}
+
+
+def warn_fallbacks(devices: dict) -> None:
+    """One driver line per stage whose workers were given a GPU but ran on CPU (runtime.device=auto)."""
+    for stage, records in devices.items():
+        fell = [r for r in records if r.get("fallback")]
+        if fell:
+            log(f"warning: {stage}: {len(fell)} of {len(records)} worker(s) were given a GPU but ran on CPU "
+                f"(run.json 'devices'); first: {fell[0]['fallback']}")
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -243,7 +261,9 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
                    "classes_with_repeated_centroids": sorted(p["class_name"] for p in plans if p.get("repeated"))},
         "plan_backends": sorted({p["backend"] for p in plans if p.get("backend")}),
         "nodes_used": sorted({r["node_id"] for r in sampled}),
+        "devices": stage_devices(out, plans, sampled),
     }
+    warn_fallbacks(record["devices"])
     atomic_write_json(out.root / "run.json", record)
     log(f"done: {n_rows} images in {out.train} ({len(classes)} classes); "
         f"{n_quarantined} file(s) quarantined; {timings['total']:.1f}s")
@@ -282,6 +302,9 @@ def distill_command(resolve: Callable[[], DistillConfig], *, dry_run_only: bool 
     except UnitFailedError as exc:
         print(f"manifoldgd: error: {exc}. Finished units and classes are kept: rerun the same command to "
               "resume", file=sys.stderr)
+        return 1
+    except DeviceUnavailableError as exc:  # a worker given a GPU it cannot use, under runtime.device=cuda
+        print(f"manifoldgd: error: {device_error_line(exc) or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("manifoldgd: interrupted; finished classes are kept: rerun the same command to resume",

@@ -50,6 +50,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
+from pipeline.common.device import DeviceUnavailableError, device_error_line, torch_device
 from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atomic_write_table, sha256_bytes
@@ -195,9 +196,9 @@ class ClassSampler:
         if threads:
             torch.set_num_threads(threads)
         self.cfg = build_config(cfg_dict)
-        self.device = "cpu" if device == "cpu" or not torch.cuda.is_available() else "cuda"
-        if device == "cuda" and self.device == "cpu":
-            log("sample: runtime.device=cuda but this actor sees no CUDA device; running on CPU")
+        # runtime.device decides what a GPU torch cannot use means: an error (cuda) or a warning (auto)
+        self.worker = torch_device("sample", "cpu" if device == "cpu" else self.cfg.runtime.device)
+        self.device = "cuda" if self.worker.on_gpu else "cpu"
         self.sampler = GuidedSampler(load_model(self.cfg.model, self.device), sampler_config(self.cfg))
         # The driver passes the hash it stamped the output folder with: recomputing it here would read a
         # local model folder's weights once more per actor (the hash covers their digest).
@@ -268,7 +269,7 @@ class ClassSampler:
         return {"uid": unit["uid"], "images": len(rows), "classes": list(dict.fromkeys(r[0] for r in rows)),
                 "seconds": time.perf_counter() - start, "ended_at": time.time(), "node_id": self.node_id(),
                 "actor_id": ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None,
-                "device": self.device,
+                "device": self.device, "worker": self.worker.record(),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []}
 
     def run_class(self, class_name: str, label: int) -> dict:
@@ -498,6 +499,8 @@ def _on_ready(pool: _Pool, ref, max_attempts: int, target: int) -> None:
         pool.deferred.append((time.monotonic() + POLL_S, actor))
         return
     except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+        if device_error_line(exc):  # given a GPU torch cannot use, under runtime.device=cuda: no retry helps
+            raise DeviceUnavailableError(device_error_line(exc)) from None
         # Died for good (restarts used up, killed, its constructor failed): replace it (grow, next loop).
         pool.start_failures += 1
         pool.last_start_error = exc
