@@ -4,17 +4,19 @@ A class's label (a parquet ``label`` value, an ImageFolder folder name, a name i
 ``DIR/train/<folder>/<folder>_<k>.png`` and a few files under ``DIR/_work``. Labels are untrusted input, so
 ``folder_name`` maps any string to a folder name that is safe on every filesystem the outputs may land on:
 
-- a label that is already safe is kept as it is: only ``A-Z a-z 0-9 . _ -``, not starting with ``.``, at
-  most ``MAX_FOLDER_BYTES`` long (ImageNet wnids, digits, ``golden_retriever`` keep their bytes);
+- a label that is already safe is kept as it is: only ``A-Z a-z 0-9 . _ -``, not starting with ``.`` or
+  ``_``, at most ``MAX_FOLDER_BYTES`` long (ImageNet wnids, digits, ``golden_retriever`` keep their bytes);
 - any other label is percent-encoded (RFC 3986 style, upper-case hex, over the label's UTF-8 bytes): every
-  byte outside that set, ``%`` itself and a leading ``.`` become ``%XX`` (``a/b`` -> ``a%2Fb``, ``..`` ->
-  ``%2E.``, ``chat noir`` -> ``chat%20noir``); ``unquote`` gives the label back;
+  byte outside that set, ``%`` itself and a leading ``.`` or ``_`` become ``%XX`` (``a/b`` -> ``a%2Fb``,
+  ``..`` -> ``%2E.``, ``chat noir`` -> ``chat%20noir``); ``label_of`` gives the label back. (A leading
+  ``.`` would hide the folder; a leading ``_`` is how this project names its own files, ``_SUCCESS``,
+  ``_work``, and what readers of the output skip.)
 - a label whose encoding is longer than ``MAX_FOLDER_BYTES`` (or the empty label) is cut to the encoding
   of its first characters, followed by ``~`` and 16 hex digits of the label's SHA-256 (over its UTF-8). Such a name is not
   reversible on its own: the run records every class's original label (``DIR/classes.json``, the
   manifest's ``source_label`` column).
 
-The result is never empty, ``.`` or ``..``, never starts with ``.``, holds no ``/`` or NUL, is ASCII (so
+The result is never empty, ``.`` or ``..``, never starts with ``.`` or ``_``, holds no ``/`` or NUL, is ASCII (so
 NFC), and is at most ``MAX_FOLDER_BYTES`` bytes: with ``_<k>.png`` and the writer's temp-file affixes it
 stays under Linux's 255-byte file-name limit. The mapping is injective: two distinct labels never share a
 folder (a short form never holds ``~``; two long forms differ in their hash).
@@ -35,8 +37,6 @@ MAX_FOLDER_BYTES = 200
 HASH_HEX = 16
 SAFE = re.compile(r"[A-Za-z0-9._-]+")
 _TOKEN = re.compile(r"%[0-9A-F]{2}|.", re.DOTALL)
-RULE = ("kept when made of A-Z a-z 0-9 . _ - only, not starting with '.', at most "
-        f"{MAX_FOLDER_BYTES} bytes; otherwise percent-encoded, and cut with a hash suffix when longer")
 
 
 class LabelCollisionError(ValueError):
@@ -45,7 +45,7 @@ class LabelCollisionError(ValueError):
 
 def is_safe(label: str) -> bool:
     """A label kept as its own folder name."""
-    return (SAFE.fullmatch(label) is not None and not label.startswith(".")
+    return (SAFE.fullmatch(label) is not None and not label.startswith((".", "_"))
             and len(label) <= MAX_FOLDER_BYTES)
 
 
@@ -53,7 +53,7 @@ def _quoted_chars(label: str) -> list[str]:
     """Each character of ``label`` as it appears in its folder name: itself, or its UTF-8 bytes as %XX."""
     out = []
     for i, ch in enumerate(label):
-        if ch.isascii() and SAFE.fullmatch(ch) and not (i == 0 and ch == "."):
+        if ch.isascii() and SAFE.fullmatch(ch) and not (i == 0 and ch in "._"):
             out.append(ch)
         else:
             out.append("".join(f"%{b:02X}" for b in ch.encode("utf-8", "surrogatepass")))

@@ -67,10 +67,10 @@ class UnsafePathError(ValueError):
 
 def check_component(name: str) -> str:
     """``name`` when it is one safe path component (what ``names.folder_name`` makes), else UnsafePathError."""
-    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith(".")
+    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith((".", "_"))
             or "/" in name or "\0" in name or len(name.encode("utf-8", "surrogatepass")) > MAX_FOLDER_BYTES):
         raise UnsafePathError(f"refusing class folder name {name!r}: not one path component of at most "
-                              f"{MAX_FOLDER_BYTES} bytes without a leading '.'")
+                              f"{MAX_FOLDER_BYTES} bytes without a leading '.' or '_'")
     return name
 
 
@@ -122,6 +122,17 @@ class OutputDir:
             self.clear()
             self.work.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.work / "config.json", {"config_hash": digest, "config": cfg.hashed_dict()})
+
+    def check_writable(self) -> None:
+        """What ``prepare`` would refuse, found without writing: the nearest existing folder on the way to
+        the output folder must be a folder this process may write (``--dry-run`` calls it)."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError("out", f"output folder {self.root} is not writable: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError("out", f"output folder {self.root} is not writable: {existing} is read-only here")
 
     def check_config(self, cfg: DistillConfig, overwrite: bool) -> bool:
         """True when the folder was made by another config and ``overwrite`` allows clearing it; ConfigError

@@ -280,7 +280,7 @@ SHOWN_RENAMES = 20  # class folders named in a dry run's output, at most (the re
 def dry_run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> None:
     """Print what a run would do; raise ConfigError on what it would stop on: listing (done by the caller),
     label ids out of the model's range (from its config files when they can be read here; no weights are
-    loaded), and an output folder made by another config."""
+    loaded), an output folder that cannot be written or was made by another config. Writes nothing."""
     try:
         _, num_classes = prior_info(cfg.model)
         model_note = f"model: {num_classes} classes; label ids {min(listing.labels.values(), default=0)}.." \
@@ -290,6 +290,7 @@ def dry_run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> None:
         model_note = (f"model: its configs cannot be read here, so the label ids were not checked against it "
                       f"(the real run stops if they cannot be read there either): {str(exc).splitlines()[0]}")
     check_label_ids(listing, num_classes)
+    OutputDir(cfg.out).check_writable()
     OutputDir(cfg.out).check_config(cfg, overwrite)
     print(f"data: {listing.kind} {listing.root}")
     print(f"classes: {len(listing.classes)}; images: {listing.num_items}; rejected at listing: {len(listing.rejected)}")
