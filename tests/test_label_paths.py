@@ -145,3 +145,16 @@ def test_the_dry_run_stops_on_an_output_folder_the_real_run_would_refuse(tmp_pat
     assert "was made by a different config" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "made"), "--overwrite"]) == 0
     assert (tmp_path / "made" / "_work" / "config.json").read_text() == '{"config_hash": "another"}'
+
+
+def test_the_encode_stage_keys_rows_by_the_listing_folder_names(tmp_path):
+    from pipeline.distill.encode import _label_from_parquet, _label_from_path
+
+    rows = _label_from_path({"path": np.asarray([f"{tmp_path}/chat noir/x.png", f"{tmp_path}/_a/y.png"]),
+                             "bytes": np.asarray([b"1", b"2"], dtype=object)},
+                            base=str(tmp_path), labels={"chat%20noir": 3, "%5Fa": 1})
+    assert list(rows["class_name"]) == ["chat%20noir", "%5Fa"] and list(rows["label"]) == [3, 1]
+    batch = pa.table({"image": [b"1", b"2", b"3"], "label": pa.array([7, None, 2], pa.int64())})
+    rows = _label_from_parquet(batch, labels={"7": 7, "2": 2}, name="d.parquet")
+    assert list(rows["class_name"]) == ["7", "2"] and list(rows["label"]) == [7, 2]
+    assert list(rows["bytes"]) == [b"1", b"3"] and len(rows["id"]) == 2
