@@ -63,8 +63,9 @@ def test_dry_run_lists_the_mapped_folders_and_the_null_rows_and_writes_nothing(t
     assert "classes: 6; images: 24; rejected at listing: 2" in text
     assert f"would quarantine {evil_parquet}#row 24: null label" in text
     assert f"would quarantine {evil_parquet}#row 25: null label" in text
-    for label in (*EVIL[:4], LONG):
+    for label in EVIL[:4]:
         assert f"class {label!r}: folder {folder_name(label)} " in text
+    assert f"class {LONG[:40]!r}... (300 characters): folder {folder_name(LONG)} " in text
     assert "class 'ok'" not in text  # a safe label keeps its name
     assert "model: 8 classes; label ids 0..5" in text
     assert _files(tmp_path) == before

@@ -156,7 +156,7 @@ def check_label_ids(listing, num_classes: int | None) -> None:
     if num_classes is not None and top >= num_classes:
         raise ConfigError("data.class_map", f"the data has label ids up to {top} (class "
                           f"{listing.source_label(high_class)!r}) but the model knows {num_classes} classes; "
-                          "map the folders to the model's ids with data.class_map")
+                          "map the labels to the model's ids with data.class_map ('<label> <id>' per line)")
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -300,7 +300,8 @@ def dry_run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> None:
         print(f"  class {c}: empty folder")
     renamed = listing.renamed()
     for label, folder in renamed[:SHOWN_RENAMES]:
-        print(f"  class {label!r}: folder {folder} (label not a safe file name; see classes.json)")
+        shown = repr(label) if len(label) <= 60 else f"{label[:40]!r}... ({len(label)} characters)"
+        print(f"  class {shown}: folder {folder} (the label is not kept as a file name; see classes.json)")
     if len(renamed) > SHOWN_RENAMES:
         print(f"  ... and {len(renamed) - SHOWN_RENAMES} more classes with an encoded folder name")
     print(model_note)
