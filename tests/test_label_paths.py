@@ -18,7 +18,7 @@ from pipeline.cli import main
 from pipeline.common.names import folder_name
 
 EVIL = ["../escape", "..", "a/b", "/abs", "ok"]
-LONG = "\u00e9tiquette-" + "x" * 289  # 300 characters, 301 bytes
+LONG = "\u00e9tiquette-" + "x" * 290  # 300 characters, 301 bytes
 TINY = ["--vae", "", "--set", "sampler.num_steps=3", "--set", "sampler.t_stop=1", "--set", "tangent.neighbours=3",
         "--set", "tangent.dim=1", "--set", "runtime.encode_batch_size=2"]
 
