@@ -228,13 +228,13 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
     image_size = check_model(cfg, listing)
     out = OutputDir(cfg.out)
     out.prepare(cfg, overwrite)
-    atomic_write_json(out.root / "classes.json", class_map_rows(listing))
     init_ray()
     if threading.current_thread() is threading.main_thread():
         # After ray.init, which installs its own handler: SIGTERM (kubectl delete, a job timeout) unwinds
         # like Ctrl-C, so temp files are removed and the next run resumes.
         signal.signal(signal.SIGTERM, _raise_interrupt)
     out.check_device(cfg, "cuda" if cfg.runtime.use_gpu(ray.cluster_resources().get("GPU", 0)) else "cpu", overwrite)
+    atomic_write_json(out.root / "classes.json", class_map_rows(listing))  # after check_device's clear
     timings["ray_init"] = time.perf_counter() - t0
 
     t = time.perf_counter()
