@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import save_tiny_prior
+from conftest import save_tiny_prior, write_image_folder
 from PIL import Image
 
 from pipeline.cli import main
@@ -159,3 +159,14 @@ def test_the_encode_stage_keys_rows_by_the_listing_folder_names(tmp_path):
     rows = _label_from_parquet(batch, labels={"7": 7, "2": 2}, name="d.parquet")
     assert list(rows["class_name"]) == ["7", "2"] and list(rows["label"]) == [7, 2]
     assert list(rows["bytes"]) == [b"1", b"3"] and len(rows["id"]) == 2
+
+
+def test_train_prior_class_names_are_the_original_labels_so_its_class_map_matches_them(tmp_path):
+    from pipeline.inputs.sources import label_ids
+    from pipeline.prior.train import load_training_images
+
+    root = write_image_folder(tmp_path / "d", {"chat noir": 2, "dog": 1})
+    pixels, labels, class_names = load_training_images(str(root), 16)
+    assert class_names == ["chat noir", "dog"] and list(labels) == [0, 0, 1] and len(pixels) == 3
+    (tmp_path / "class_map.txt").write_text("".join(f"{c} {i}\n" for i, c in enumerate(class_names)))
+    assert label_ids(["chat noir", "dog"], str(tmp_path / "class_map.txt")) == {"chat noir": 0, "dog": 1}
