@@ -2,8 +2,13 @@
 
 DIR/train/<class>/<class>_<k:04d>.png   written as temp file + rename: a PNG is complete or absent
 DIR/train/<class>/_SUCCESS              written last, after the class's images and manifest part
-DIR/manifest.parquet, quarantine.parquet, run.json
+DIR/manifest.parquet, quarantine.parquet, run.json, classes.json
 DIR/_work/                              resumable intermediate state (config, latents, centroids, parts)
+
+<class> is a folder name made by ``pipeline.common.names.folder_name`` from the class's label. Every path
+built from a class name goes through ``OutputDir.child``, which refuses (``UnsafePathError``) a name that
+is not one path component, and any path that resolves outside the output folder: nothing is ever written
+outside ``--out``, whatever a label says.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from pipeline.common.names import MAX_FOLDER_BYTES
 from pipeline.config import ConfigError, DistillConfig
 
 WORK = "_work"
@@ -55,26 +61,48 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class UnsafePathError(ValueError):
+    """A path built from a class name that would leave the output folder (or is not one component)."""
+
+
+def check_component(name: str) -> str:
+    """``name`` when it is one safe path component (what ``names.folder_name`` makes), else UnsafePathError."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or name.startswith((".", "_"))
+            or "/" in name or "\0" in name or len(name.encode("utf-8", "surrogatepass")) > MAX_FOLDER_BYTES):
+        raise UnsafePathError(f"refusing class folder name {name!r}: not one path component of at most "
+                              f"{MAX_FOLDER_BYTES} bytes without a leading '.' or '_'")
+    return name
+
+
 class OutputDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.work = self.root / WORK
         self.train = self.root / "train"
 
+    def child(self, *parts: str) -> Path:
+        """``root / parts...``, refused (UnsafePathError) when it resolves outside the output folder."""
+        path = self.root.joinpath(*parts)
+        root = self.root.resolve()
+        resolved = path.resolve()
+        if resolved != root and root not in resolved.parents:
+            raise UnsafePathError(f"refusing to write {path}: it resolves outside the output folder {root}")
+        return path
+
     def class_dir(self, class_name: str) -> Path:
-        return self.train / class_name
+        return self.child("train", check_component(class_name))
 
     def image_path(self, class_name: str, k: int) -> Path:
-        return self.class_dir(class_name) / f"{class_name}_{k:04d}.png"
+        return self.child("train", check_component(class_name), f"{class_name}_{k:04d}.png")
 
     def is_class_done(self, class_name: str) -> bool:
         return (self.class_dir(class_name) / SUCCESS).exists() and self.manifest_part(class_name).exists()
 
     def manifest_part(self, class_name: str) -> Path:
-        return self.work / "manifest" / f"{class_name}.parquet"
+        return self.child(WORK, "manifest", f"{check_component(class_name)}.parquet")
 
     def centroid_file(self, class_name: str) -> Path:
-        return self.work / "centroids" / f"{class_name}.npz"
+        return self.child(WORK, "centroids", f"{check_component(class_name)}.npz")
 
     @property
     def latents(self) -> Path:
@@ -90,15 +118,32 @@ class OutputDir:
         except OSError as exc:
             raise ConfigError("out", f"output folder {self.root} is not writable: {exc.strerror}") from None
         digest = cfg.config_hash()
-        previous = self._stamped_other("config.json", "config_hash", digest)
-        if previous is not None:
-            if not overwrite:
-                raise ConfigError(
-                    "out", f"{self.root} was made by a different config (hash {previous}, now {digest}); "
-                    "choose another --out or pass --overwrite")
+        if self.check_config(cfg, overwrite):
             self.clear()
             self.work.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.work / "config.json", {"config_hash": digest, "config": cfg.hashed_dict()})
+
+    def check_writable(self) -> None:
+        """What ``prepare`` would refuse, found without writing: the nearest existing folder on the way to
+        the output folder must be a folder this process may write (``--dry-run`` calls it)."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError("out", f"output folder {self.root} is not writable: {existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError("out", f"output folder {self.root} is not writable: {existing} is read-only here")
+
+    def check_config(self, cfg: DistillConfig, overwrite: bool) -> bool:
+        """True when the folder was made by another config and ``overwrite`` allows clearing it; ConfigError
+        when it was and ``overwrite`` is off. Reads only (``--dry-run`` calls it too)."""
+        digest = cfg.config_hash()
+        previous = self._stamped_other("config.json", "config_hash", digest) if self.work.is_dir() else None
+        if previous is not None and not overwrite:
+            raise ConfigError(
+                "out", f"{self.root} was made by a different config (hash {previous}, now {digest}); "
+                "choose another --out or pass --overwrite")
+        return previous is not None
 
     def _stamped_other(self, name: str, key: str, value: str) -> str | None:
         """The ``key`` of the stamp ``_work/<name>`` when it exists and differs from ``value``, else None."""
@@ -126,5 +171,5 @@ class OutputDir:
         """Remove what this project writes, and nothing else the user may keep beside it."""
         for name in ("train", WORK):
             shutil.rmtree(self.root / name, ignore_errors=True)
-        for name in ("manifest.parquet", "quarantine.parquet", "run.json", "contact_sheet.png"):
+        for name in ("manifest.parquet", "quarantine.parquet", "run.json", "classes.json", "contact_sheet.png"):
             (self.root / name).unlink(missing_ok=True)

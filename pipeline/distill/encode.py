@@ -24,11 +24,13 @@ import torch
 from pipeline.common.device import DeviceUnavailableError, device_error_line, summarize, torch_device
 from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
+from pipeline.common.names import folder_name
 from pipeline.common.outputs import OutputDir, atomic_write_json
 from pipeline.config import DistillConfig, ModelConfig
 from pipeline.distill.vae_encode import encode_pixels
 from pipeline.inputs import datasets
 from pipeline.inputs.preprocess import decode_image
+from pipeline.inputs.sources import parquet_label
 from pipeline.models.refs import load_vae
 
 log = get_logger().info
@@ -136,12 +138,12 @@ def input_dataset(listing):
     if listing.kind == "parquet":
         ds = ray.data.read_parquet(listing.parquet_paths, columns=["image", "label"])
         return ds.map_batches(functools.partial(_label_from_parquet, labels=listing.labels,
-                                                name=Path(listing.root).name), batch_format="numpy")
+                                                name=Path(listing.root).name), batch_format="pyarrow")
 
     images, labels, names = datasets.load_builtin(listing.root, split="train")
     table = pa.table({
         "id": [f"{names[y]}/{i:05d}" for i, y in enumerate(labels)],
-        "class_name": [names[y] for y in labels],
+        "class_name": [folder_name(names[y]) for y in labels],
         "label": np.asarray(labels, dtype=np.int64),
         "bytes": [png_bytes(im) for im in images],
     })
@@ -150,16 +152,23 @@ def input_dataset(listing):
 
 def _label_from_path(batch, *, base: str, labels: dict):
     rel = [os.path.relpath("/" + p.lstrip("/") if not os.path.isabs(p) else p, base) for p in batch["path"]]
-    classes = [r.split(os.sep, 1)[0] for r in rel]
+    classes = [folder_name(r.split(os.sep, 1)[0]) for r in rel]  # the listing's keys: folder names
     return {"id": np.asarray(rel, dtype=object), "class_name": np.asarray(classes, dtype=object),
             "label": np.asarray([labels[c] for c in classes], dtype=np.int64), "bytes": batch["bytes"]}
 
 
 def _label_from_parquet(batch, *, labels: dict, name: str):
-    classes = [str(v) for v in batch["label"]]
-    ids = [f"{name}#{hashlib.sha256(b).hexdigest()[:16]}" for b in batch["image"]]
+    # A pyarrow batch: labels as Python values (an integer column with nulls stays integers). Rows with a
+    # null label are left out here: the listing made them quarantine rows.
+    values = batch.column("label").to_pylist()
+    keep = [i for i, v in enumerate(values) if v is not None]
+    classes = [folder_name(parquet_label(values[i])) for i in keep]  # the listing's keys
+    column = batch.column("image")
+    images = [column[i].as_py() for i in keep]
+    ids = [f"{name}#{hashlib.sha256(b).hexdigest()[:16]}" for b in images]
     return {"id": np.asarray(ids, dtype=object), "class_name": np.asarray(classes, dtype=object),
-            "label": np.asarray([labels[c] for c in classes], dtype=np.int64), "bytes": batch["image"]}
+            "label": np.asarray([labels[c] for c in classes], dtype=np.int64),
+            "bytes": np.asarray(images, dtype=object)}
 
 
 def _same_rows(group):

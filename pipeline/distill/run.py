@@ -135,17 +135,29 @@ def builtin_prior_exists(name: str) -> bool:
 
 def check_model(cfg: DistillConfig, listing) -> int:
     """Fail before Ray starts when the model configs cannot be found, or when the data has labels the
-    model does not know; returns the image size."""
+    model does not know; returns the image size. Reads the model's config files only, never weights."""
     try:
         size, num_classes = prior_info(cfg.model)
     except PriorLoadError as exc:
         raise ConfigError("model.model", str(exc).splitlines()[0] + " (run with a local folder or stage "
                           "the weights: see docs/models.md)") from None
-    top = max(listing.labels.values(), default=-1)
-    if top >= num_classes:
-        raise ConfigError("data.class_map", f"the data has label ids up to {top} but the model knows "
-                          f"{num_classes} classes; map the folders to the model's ids with data.class_map")
+    check_label_ids(listing, num_classes)
     return size
+
+
+def check_label_ids(listing, num_classes: int | None) -> None:
+    """Every class's label id must be one of the model's (0 .. num_classes - 1; None: not known here)."""
+    if not listing.labels:
+        return
+    low_class, low = min(listing.labels.items(), key=lambda kv: kv[1])
+    high_class, top = max(listing.labels.items(), key=lambda kv: kv[1])
+    if low < 0:
+        raise ConfigError("data.class_map", f"class {listing.source_label(low_class)!r} has the label id {low}; "
+                          "label ids are 0 or more")
+    if num_classes is not None and top >= num_classes:
+        raise ConfigError("data.class_map", f"the data has label ids up to {top} (class "
+                          f"{listing.source_label(high_class)!r}) but the model knows {num_classes} classes; "
+                          "map the labels to the model's ids with data.class_map ('<label> <id>' per line)")
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -174,13 +186,23 @@ def write_quarantine(out: OutputDir, listing, failures) -> int:
     return len(rows)
 
 
-def write_manifest(out: OutputDir, classes: list[str]) -> int:
+def write_manifest(out: OutputDir, classes: list[str], listing) -> int:
+    """manifest.parquet: the classes' manifest parts, plus ``source_label`` (each row's original label)."""
     parts = [pq.read_table(out.manifest_part(c)) for c in classes if out.manifest_part(c).exists()]
     if not parts:
         return 0
     table = pa.concat_tables(parts)
+    source = [listing.source_label(c) for c in table.column("class").to_pylist()]
+    table = table.add_column(table.schema.get_field_index("class") + 1, "source_label",
+                             pa.array(source, type=pa.string()))
     atomic_write_table(out.root / "manifest.parquet", table)
     return table.num_rows
+
+
+def class_map_rows(listing) -> list[dict]:
+    """One row per class, in label order: folder name, label id, original label (what classes.json holds)."""
+    return [{"class": c, "label": int(listing.labels[c]), "source_label": listing.source_label(c)}
+            for c in sorted(listing.classes, key=lambda c: (listing.labels[c], c))]
 
 
 TIMINGS_COVER = {
@@ -230,6 +252,7 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
         # like Ctrl-C, so temp files are removed and the next run resumes.
         signal.signal(signal.SIGTERM, _raise_interrupt)
     out.check_device(cfg, "cuda" if cfg.runtime.use_gpu(ray.cluster_resources().get("GPU", 0)) else "cpu", overwrite)
+    atomic_write_json(out.root / "classes.json", class_map_rows(listing))  # after check_device's clear
     timings["ray_init"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -249,7 +272,7 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
     plans, sampled = stage["plans"], stage["units"]
     timings.update(stage["timings"])
 
-    n_rows = write_manifest(out, classes)
+    n_rows = write_manifest(out, classes, listing)
     timings["total"] = time.perf_counter() - t0
     record = {
         "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "versions": versions(),
@@ -271,13 +294,37 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
 
 
 # ------------------------------------------------------------------------------------- the CLI
-def dry_run(cfg: DistillConfig, listing) -> None:
+SHOWN_RENAMES = 20  # class folders named in a dry run's output, at most (the rest are counted)
+
+
+def dry_run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> None:
+    """Print what a run would do; raise ConfigError on what it would stop on: listing (done by the caller),
+    label ids out of the model's range (from its config files when they can be read here; no weights are
+    loaded), an output folder that cannot be written or was made by another config. Writes nothing."""
+    try:
+        _, num_classes = prior_info(cfg.model)
+        model_note = f"model: {num_classes} classes; label ids {min(listing.labels.values(), default=0)}.." \
+                     f"{max(listing.labels.values(), default=0)}"
+    except PriorLoadError as exc:
+        num_classes = None
+        model_note = (f"model: its configs cannot be read here, so the label ids were not checked against it "
+                      f"(the real run stops if they cannot be read there either): {str(exc).splitlines()[0]}")
+    check_label_ids(listing, num_classes)
+    OutputDir(cfg.out).check_writable()
+    OutputDir(cfg.out).check_config(cfg, overwrite)
     print(f"data: {listing.kind} {listing.root}")
     print(f"classes: {len(listing.classes)}; images: {listing.num_items}; rejected at listing: {len(listing.rejected)}")
     for rel, reason in listing.rejected:
         print(f"  would quarantine {rel}: {reason}")
     for c in listing.empty_classes():
         print(f"  class {c}: empty folder")
+    renamed = listing.renamed()
+    for label, folder in renamed[:SHOWN_RENAMES]:
+        shown = repr(label) if len(label) <= 60 else f"{label[:40]!r}... ({len(label)} characters)"
+        print(f"  class {shown}: folder {folder} (the label is not kept as a file name; see classes.json)")
+    if len(renamed) > SHOWN_RENAMES:
+        print(f"  ... and {len(renamed) - SHOWN_RENAMES} more classes with an encoded folder name")
+    print(model_note)
     print(f"plan: encode {listing.num_items} images with {cfg.model.vae or cfg.model.model + '/vae'}; "
           f"{cfg.cluster.method} clustering to {cfg.ipc} centroids per class; "
           f"{cfg.sampler.guidance} guidance, {cfg.sampler.num_steps} {cfg.sampler.sampler} steps; "
@@ -293,7 +340,7 @@ def distill_command(resolve: Callable[[], DistillConfig], *, dry_run_only: bool 
         cfg = validate(resolve())
         listing = list_source(cfg.data)
         if dry_run_only:
-            dry_run(cfg, listing)
+            dry_run(cfg, listing, overwrite=overwrite)
             return 0
         run(cfg, listing, overwrite=overwrite)
     except ConfigError as exc:

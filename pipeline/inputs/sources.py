@@ -3,6 +3,12 @@
 Listing is cheap and runs in the driver before Ray starts (``--dry-run`` stops here). Files that cannot be
 images at all (hidden files, other extensions, broken or looping links) are rejected at listing time with a
 reason; files that fail to decode are caught later, in the decode stage. Both end in quarantine.parquet.
+
+Labels are untrusted: each class's label (folder name, parquet ``label`` value) is turned into its output
+folder name by ``pipeline.common.names.folder_name`` here, once, and the listing is keyed by that folder
+name from then on (``Listing.source_labels`` keeps the original). A dataset with two labels that differ
+only in case or Unicode normalisation is refused here (exit 2, one line naming both); a parquet row with a
+null label becomes a quarantine row.
 """
 from __future__ import annotations
 
@@ -13,10 +19,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.common.names import LabelCollisionError, folder_name, folder_names
 from pipeline.config import ConfigError, DataConfig
 from pipeline.inputs import datasets
 
@@ -28,11 +34,19 @@ WNID = re.compile(r"^n\d{8}$")
 class Listing:
     kind: str                                   # imagefolder | parquet | builtin
     root: str
-    classes: list[str]                          # class folder names, sorted
-    labels: dict[str, int]                      # class name -> label id fed to the model
-    files: list[tuple[str, str]] = field(default_factory=list)     # (relative path, class name)
+    classes: list[str]                          # output folder names (names.folder_name of each label)
+    labels: dict[str, int]                      # folder name -> label id fed to the model
+    files: list[tuple[str, str]] = field(default_factory=list)     # (relative path, folder name)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     num_rows: int = 0                           # parquet / built-in: rows instead of files
+    source_labels: dict[str, str] = field(default_factory=dict)   # folder name -> original label
+
+    def source_label(self, folder: str) -> str:
+        return self.source_labels.get(folder, folder)
+
+    def renamed(self) -> list[tuple[str, str]]:
+        """(original label, folder name) of the classes whose folder is not their label."""
+        return [(self.source_label(c), c) for c in self.classes if self.source_label(c) != c]
 
     @property
     def num_items(self) -> int:
@@ -56,17 +70,22 @@ def imagenet_wnids() -> list[str]:
 
 
 def label_ids(classes: list[str], class_map: str = "") -> dict[str, int]:
-    """ImageNet wnids -> their 1K index; a class-map file if given; else sorted folder order."""
+    """ImageNet wnids -> their 1K index; a class-map file if given; else sorted folder order.
+    ``classes`` and the keys returned are the original labels (folder names on disk, parquet values)."""
     if class_map:
         try:
             lines = Path(class_map).read_text().splitlines()
         except OSError as exc:
             raise ConfigError("data.class_map", f"cannot read {class_map}: {exc.strerror}") from None
         mapping = {}
-        for line in lines:
+        for number, line in enumerate(lines, 1):
             if line.strip() and not line.startswith("#"):
-                name, _, idx = line.rpartition(" ")
-                mapping[name.strip() or idx] = int(idx)
+                name, _, idx = line.rstrip().rpartition(" ")
+                try:
+                    mapping[name.strip() or idx] = int(idx)
+                except ValueError:
+                    raise ConfigError("data.class_map", f"{class_map} line {number}: expected '<label> <id>' "
+                                      f"with an integer id, got {line.strip()!r}") from None
         missing = [c for c in classes if c not in mapping]
         if missing:
             raise ConfigError("data.class_map", f"no label for classes {missing[:5]}")
@@ -76,6 +95,17 @@ def label_ids(classes: list[str], class_map: str = "") -> dict[str, int]:
         if all(c in index for c in classes):
             return {c: index[c] for c in classes}
     return {c: i for i, c in enumerate(sorted(classes))}
+
+
+def keyed_by_folder(kind: str, root: str, classes: list[str], ids: dict[str, int], **kw) -> Listing:
+    """A Listing of the original labels ``classes`` (with label ids ``ids``), keyed by their folder names.
+    Refuses (ConfigError on data.path) labels that differ only in case or Unicode normalisation."""
+    try:
+        folders = folder_names(classes)
+    except LabelCollisionError as exc:
+        raise ConfigError("data.path", f"{root}: {exc}") from None
+    return Listing(kind, root, [folders[c] for c in classes], {folders[c]: int(ids[c]) for c in classes},
+                   source_labels={folders[c]: c for c in classes}, **kw)
 
 
 def _reject_reason(path: Path) -> str | None:
@@ -125,8 +155,9 @@ def list_imagefolder(root: Path, split: str, class_map: str = "", subset: str = 
     base = root / split if (root / split).is_dir() else root
     found = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = _chosen_classes(found, subset, str(base))
-    listing = Listing("imagefolder", str(base), classes, label_ids(classes, class_map))
+    listing = keyed_by_folder("imagefolder", str(base), classes, label_ids(classes, class_map))
     for cls in classes:
+        folder = folder_name(cls)
         # os.walk without following directory links: a link loop cannot hang the listing
         for dirpath, dirnames, filenames in os.walk(base / cls, followlinks=False):
             dirnames.sort()
@@ -141,7 +172,7 @@ def list_imagefolder(root: Path, split: str, class_map: str = "", subset: str = 
                 if reason:
                     listing.rejected.append((rel, reason))
                 else:
-                    listing.files.append((rel, cls))
+                    listing.files.append((rel, folder))
     return listing
 
 
@@ -167,7 +198,7 @@ def list_remote_imagefolder(uri: str, split: str, class_map: str = "", subset: s
     files = sorted(i.path[len(path) + 1:] for i in infos if i.type == pafs.FileType.File)
     found = sorted({f.split("/", 1)[0] for f in files if "/" in f and not f.startswith(".")})
     classes = _chosen_classes(found, subset, uri)
-    listing = Listing("imagefolder", uri.rstrip("/"), classes, label_ids(classes, class_map))
+    listing = keyed_by_folder("imagefolder", uri.rstrip("/"), classes, label_ids(classes, class_map))
     keep = set(classes)
     for rel in files:
         cls = rel.split("/", 1)[0]
@@ -180,7 +211,7 @@ def list_remote_imagefolder(uri: str, split: str, class_map: str = "", subset: s
         elif suffix not in IMAGE_EXTENSIONS:
             listing.rejected.append((rel, f"not an image file extension ({suffix or 'none'})"))
         else:
-            listing.files.append((rel, cls))
+            listing.files.append((rel, folder_name(cls)))
     return listing
 
 
@@ -195,25 +226,43 @@ def parquet_files(spec: str) -> list[str]:
     return [str(path)] if path.is_file() and path.suffix == ".parquet" else []
 
 
-def list_parquet(spec: str, files: list[str]) -> Listing:
-    """Rows (image bytes, label) of one or many parquet files; labels from the column."""
+def parquet_label(value) -> str:
+    """A parquet ``label`` value as the class's label string (integers as their digits)."""
+    return str(value)
+
+
+def null_label_row(file: str, row: int) -> str:
+    """The quarantine path of a parquet row: ``FILE#row N`` (N counts from 0 within the file)."""
+    return f"{file}#row {row}"
+
+
+def list_parquet(spec: str, files: list[str], class_map: str = "") -> Listing:
+    """Rows (image bytes, label) of one or many parquet files; labels from the column (integers are the
+    model's label ids unless ``class_map`` is given; other labels take sorted order or ``class_map``).
+    A row whose label is null is not used: it is a quarantine row (``FILE#row N``, "null label")."""
+    labels, rejected = [], []
     for f in files:
         schema = pq.read_schema(f)
         if "image" not in schema.names or "label" not in schema.names:
             raise ConfigError("data.path", f"{f} needs columns 'image' (bytes) and 'label'; has {schema.names}")
-    labels = pds.dataset(files, format="parquet").to_table(columns=["label"]).column("label").to_pylist()
-    classes = sorted({str(v) for v in labels}, key=lambda c: (len(c), c) if c.isdigit() else (0, c))
-    if all(isinstance(v, int) for v in labels):
-        mapping = {str(v): int(v) for v in set(labels)}
+        column = pq.read_table(f, columns=["label"]).column("label").to_pylist()
+        rejected += [(null_label_row(f, i), "null label") for i, v in enumerate(column) if v is None]
+        labels += [v for v in column if v is not None]
+    if not labels:
+        raise ConfigError("data.path", f"{spec} holds no rows with a label")
+    classes = sorted({parquet_label(v) for v in labels}, key=lambda c: (len(c), c) if c.isdigit() else (0, c))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in labels) and not class_map:
+        mapping = {parquet_label(v): int(v) for v in set(labels)}
     else:
-        mapping = label_ids(classes)
-    return Listing("parquet", spec, classes, mapping, files=[(f, "") for f in files], num_rows=len(labels))
+        mapping = label_ids(classes, class_map)
+    return keyed_by_folder("parquet", spec, classes, mapping, files=[(f, "") for f in files],
+                           rejected=rejected, num_rows=len(labels))
 
 
 def list_builtin(name: str) -> Listing:
     _, labels, class_names = datasets.load_builtin(name, split="train")
     classes = list(class_names)
-    return Listing("builtin", name, classes, {c: i for i, c in enumerate(classes)}, num_rows=len(labels))
+    return keyed_by_folder("builtin", name, classes, {c: i for i, c in enumerate(classes)}, num_rows=len(labels))
 
 
 def builtin_names() -> tuple[str, ...]:
@@ -234,7 +283,7 @@ def list_source(data: DataConfig) -> Listing:
     path = Path(data.path).expanduser()
     files = parquet_files(data.path)
     if files and (path.is_file() or not path.exists() or not _has_image_folders(path)):
-        return list_parquet(data.path, files)
+        return list_parquet(data.path, files, data.class_map)
     if not path.exists():
         known = ", ".join(builtin_names()) or "none"
         raise ConfigError("data.path", f"{data.path} does not exist (and is not a built-in dataset: {known})")

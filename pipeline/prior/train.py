@@ -87,7 +87,8 @@ def load_training_images(data: str, image_size: int) -> tuple[np.ndarray, np.nda
         log(f"skipped {bad} files that do not decode")
     if not pixels:
         raise SystemExit(f"no decodable images under {listing.root}")
-    return np.stack(pixels), np.asarray(labels, dtype=np.int64), list(listing.classes)
+    # the original folder names (not the listing's encoded ones): class_map.txt is matched against them
+    return np.stack(pixels), np.asarray(labels, dtype=np.int64), [listing.source_label(c) for c in listing.classes]
 
 
 def subset_indices(n: int, subset: int, seed: int) -> np.ndarray:
