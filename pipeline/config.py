@@ -35,6 +35,10 @@ __all__ = ["ConfigError"]  # re-exported: callers catch it from here
 # (section, field) -> the default that reproduces the bytes made before the field existed: omitted from the
 # hash at that value, so the config hash of every existing run is unchanged (tests/test_cli.py).
 HASH_SKIPPED_DEFAULTS = {("sampler", "sigma"): "scalar"}
+# The sample-health section (pipeline/distill/health.py, docs/health.md): hashed like any field, but left out at
+# its defaults (a section left empty is dropped), so folders made before the check existed still resume.
+HASH_SKIPPED_DEFAULTS.update({("health", "threshold"): 4.0, ("health", "policy"): "regenerate",
+                              ("health", "max_attempts"): 3})
 
 
 @dataclass
@@ -112,6 +116,15 @@ class SamplerSection:
 
 
 @dataclass
+class HealthConfig:
+    # After sampling, each final latent's distance to its class's nearest real latent, over the class's own
+    # median nearest-neighbour spacing (ops/health.py); above the threshold the sample is flagged.
+    threshold: float = 4.0
+    policy: str = "regenerate"  # keep (record and report) | regenerate (next noise attempt, see docs/health.md)
+    max_attempts: int = 3       # regenerate: noise attempts per sample, the first one included
+
+
+@dataclass
 class RuntimeConfig:
     encode_batch_size: int = 64
     encode_actors: int = 0      # 0 = sized from the cluster's free resources
@@ -140,6 +153,7 @@ class DistillConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tangent: TangentConfig = field(default_factory=TangentConfig)
     sampler: SamplerSection = field(default_factory=SamplerSection)
+    health: HealthConfig = field(default_factory=HealthConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict:
@@ -155,6 +169,8 @@ class DistillConfig:
         for (section, name), default in HASH_SKIPPED_DEFAULTS.items():
             if d[section][name] == default:
                 del d[section][name]
+        for section in [k for k, v in d.items() if v == {}]:
+            del d[section]
         fingerprint = model_fingerprint(self.model)
         if fingerprint:
             d["model"]["fingerprint"] = fingerprint
@@ -308,6 +324,12 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
     for name in ("cfg_scale", "guidance_scale", "normal_weight"):
         if getattr(s, name) < 0:
             raise ConfigError(f"sampler.{name}", f"must be >= 0, got {getattr(s, name)}")
+    h = cfg.health
+    _choice("health.policy", h.policy, ("keep", "regenerate"))
+    if not h.threshold > 0:
+        raise ConfigError("health.threshold", f"must be > 0, got {h.threshold}")
+    if h.max_attempts < 1:
+        raise ConfigError("health.max_attempts", f"must be >= 1, got {h.max_attempts}")
     r = cfg.runtime
     if s.max_batch <= 0:
         raise ConfigError("sampler.max_batch", f"must be positive, got {s.max_batch}")
