@@ -58,6 +58,8 @@ def test_regenerate_takes_the_first_unflagged_attempt_and_keeps_the_best_when_al
                 out[i] += 15.0
         return out
 
+    with torch.inference_mode():  # the sampler returns inference tensors; the check must not write into them
+        lat = lat.clone()
     res = check("regenerate", attempts=3).sample(again, ["a"] * 3, lat)
     assert calls == [([0, 2], 1), ([0, 2], 2)]
     assert res["flagged"].tolist() == [False, False, True]

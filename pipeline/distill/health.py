@@ -58,7 +58,8 @@ class HealthCheck:
         scores = self.scores(class_names, latents)
         attempt = np.zeros(len(scores), dtype=np.int64)
         flagged = flag(np.nan_to_num(scores, nan=0.0), self.threshold)
-        if self.policy == "regenerate":
+        if self.policy == "regenerate" and flagged.any():
+            latents = latents.clone() if hasattr(latents, "clone") else np.array(latents)  # writable copy
             for a in range(1, self.max_attempts):
                 rows = np.flatnonzero(flagged)
                 if rows.size == 0:

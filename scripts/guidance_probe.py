@@ -1,6 +1,6 @@
 """Per-step evidence for one class of a distill run: what the guidance term does to each sample.
 
-    .venv/bin/python bench/guidance_probe.py RUN_DIR CLASS [--k 0,1,2] [--set tangent.dim=3 ...]
+    .venv/bin/python scripts/guidance_probe.py RUN_DIR CLASS [--k 0,1,2] [--set tangent.dim=3 ...]
 
 RUN_DIR is a finished (or at least encoded) ``manifoldgd distill`` output folder; its run config is read
 from ``run.json`` (or its stamp), ``--set`` overrides fields on top, and the class's plan is recomputed
@@ -16,7 +16,13 @@ shows:
   |step|   |lambda sigma_i g|, the guided displacement;  |dmu|: |mu - x_t|, the unguided step's move
   d, K, ev the basis dimension, neighbours in the step's neighbourhood, and the share of that
            neighbourhood's variance the d directions explain
-At the end: the final latent's health score and the trust-region clips (if any).
+At the end: the final latent's health score.
+
+    .venv/bin/python scripts/guidance_probe.py RUN_DIR --scan 0,1,2,3,4 [--set ...] [--sheet DIR]
+
+Scan mode: every class at each seed (plans recomputed in-process, sampled without Ray), one line per
+(seed, class) with the ten health scores, the samples above each threshold of ``--thresholds``, and with
+``--sheet`` a contact sheet per seed (flagged samples framed in red at ``health.threshold``).
 """
 from __future__ import annotations
 
@@ -29,21 +35,20 @@ import torch
 
 from ops.health import health_scores, reference_spacing
 from ops.tangent import annealed_radius, default_radius
+from pipeline.common.images import contact_sheet
 from pipeline.common.outputs import OutputDir
-from pipeline.config import build_config
+from pipeline.config import build_config, parse_set
 from pipeline.distill.plan import guided_steps, plan_class, read_class_latents
 from pipeline.distill.sample import sampler_config
 from pipeline.models.refs import load_model
 from pipeline.models.sampler import GuidedSampler
 
 
-def _overrides(cfg_dict: dict, sets: list[str]) -> dict:
-    for s in sets:
-        key, value = s.split("=", 1)
-        section, name = key.split(".", 1)
-        current = cfg_dict[section][name]
-        cfg_dict[section][name] = type(current)(value) if not isinstance(current, bool) else value == "true"
-    return cfg_dict
+def run_config(run_dir: str, sets: list[str]):
+    """The run's config (its ``_work/config.json`` stamp) with ``--set`` overrides on top."""
+    cfg_dict = json.loads((Path(run_dir) / "_work" / "config.json").read_text())["config"]
+    cfg_dict["model"].pop("fingerprint", None)
+    return build_config(cfg_dict, parse_set(sets))
 
 
 def neighbourhood_stats(X, centroid, cfg, n_steps):
@@ -64,21 +69,49 @@ def neighbourhood_stats(X, centroid, cfg, n_steps):
     return out
 
 
+def scan(args) -> None:
+    out = OutputDir(args.run_dir)
+    names = sorted(p.name.split("=", 1)[1] for p in out.latents.iterdir() if p.name.startswith("class_name="))
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    for seed in [int(x) for x in args.scan.split(",")]:
+        cfg = run_config(args.run_dir, [*args.set, f"seed={seed}"])
+        sampler = GuidedSampler(load_model(cfg.model, "cpu"), sampler_config(cfg))
+        rows, marked = [], set()
+        for label, name in enumerate(names):
+            _, X = read_class_latents(out.latents, name)
+            plan = plan_class(X, cfg)
+            bases = plan["bases"][plan["offsets"][:-1, None] + plan["step_index"]]
+            with torch.inference_mode():
+                z = sampler.sample_latents(label, range(cfg.ipc), plan["centroids"], bases)
+            scores = health_scores(z.flatten(1).numpy(), X)
+            over = {t: [int(k) for k in np.flatnonzero(scores > t)] for t in thresholds}
+            print(f"seed {seed} class {name}: " + " ".join(f"{v:5.2f}" for v in scores) + "  over "
+                  + " ".join(f"{t:g}:{over[t]}" for t in thresholds), flush=True)
+            rows.append(list(sampler.decode(z)))
+            marked |= {(label, int(k)) for k in np.flatnonzero(scores > cfg.health.threshold)}
+        if args.sheet:
+            Path(args.sheet).mkdir(parents=True, exist_ok=True)
+            contact_sheet(rows, zoom=3, marked=marked).save(Path(args.sheet) / f"seed{seed}.png")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
-    ap.add_argument("class_name")
+    ap.add_argument("class_name", nargs="?", default="")
     ap.add_argument("--k", default="", help="sample indices (default: all)")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--every", type=int, default=1, help="print every n-th guided step")
+    ap.add_argument("--scan", default="", help="seeds (comma-separated): scan every class")
+    ap.add_argument("--thresholds", default="3,4,5,6")
+    ap.add_argument("--sheet", default="", help="scan: folder for one contact sheet per seed")
     args = ap.parse_args()
+    if args.scan:
+        return scan(args)
     out = OutputDir(args.run_dir)
-    cfg_dict = json.loads((Path(args.run_dir) / "run.json").read_text())["config"]
-    cfg = build_config(_overrides(cfg_dict, args.set))
+    cfg = run_config(args.run_dir, args.set)
     _, X = read_class_latents(out.latents, args.class_name)
-    label = int(json.loads((Path(args.run_dir) / "run.json").read_text())["config"].get("label", -1))
-    names = sorted(p.name for p in out.train.iterdir() if p.is_dir()) if out.train.exists() else []
-    label = names.index(args.class_name) if args.class_name in names else int(args.class_name)
+    names = sorted(p.name.split("=", 1)[1] for p in out.latents.iterdir() if p.name.startswith("class_name="))
+    label = names.index(args.class_name)
     plan = plan_class(X, cfg)
     ks = [int(k) for k in args.k.split(",")] if args.k else list(range(cfg.ipc))
     n_steps = guided_steps(cfg.sampler.num_steps, cfg.sampler.t_stop)
