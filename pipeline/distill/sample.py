@@ -78,7 +78,7 @@ def sampler_config(cfg: DistillConfig):
     return SamplerConfig(num_steps=s.num_steps, train_steps=s.train_steps, sampler=s.sampler,
                          cfg_scale=s.cfg_scale, cfg_channels=s.cfg_channels, guidance=s.guidance,
                          guidance_scale=s.guidance_scale, t_stop=s.t_stop, normal_weight=s.normal_weight,
-                         sigma=s.sigma, max_batch=s.max_batch, seed=cfg.seed)
+                         sigma=s.sigma, max_batch=s.max_batch, seed=cfg.seed, trust_region=s.trust_region)
 
 
 # ------------------------------------------------------------------------------------ work units

@@ -44,7 +44,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ops.guidance import GUIDANCE_MODES, SIGMA_MODES, guidance_sigma, guidance_vector, guided_mean, x0_from_eps
+from ops.guidance import (
+    GUIDANCE_MODES,
+    SIGMA_MODES,
+    guidance_sigma,
+    guidance_vector,
+    guided_mean,
+    trust_region,
+    x0_from_eps,
+)
 from ops.schedule import (
     SPACINGS,
     Schedule,
@@ -74,6 +82,7 @@ class SamplerConfig:
     t_stop: int = 25  # guided while the respaced index i > t_stop
     normal_weight: float = 0.0  # manifold only: weight of the normal component of c - x0_hat
     sigma: str = "scalar"  # sigma_i of the guidance term: scalar (per sample) | elementwise (per coordinate)
+    trust_region: float = 0.0  # > 0: lambda g capped at this RMS per coordinate (ops.guidance.trust_region)
     max_batch: int = 64  # samples per model call (the model sees 2x with CFG)
     seed: int = 0
     autocast: bool = True  # bf16 (fp16 without bf16 support) autocast on CUDA; CPU always runs fp32
@@ -94,6 +103,8 @@ class SamplerConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.normal_weight < 0:
             raise ValueError(f"normal_weight must be >= 0, got {self.normal_weight}")
+        if self.trust_region < 0:
+            raise ValueError(f"trust_region must be >= 0, got {self.trust_region}")
 
     def guided_indices(self) -> list[int]:
         """Respaced indices whose step is guided, in sampling order (empty for guidance none)."""
@@ -135,6 +146,7 @@ class GuidanceState:
     basis: torch.Tensor | None  # (n, D, d) or None
     scale: float
     normal_weight: float = 0.0
+    trust_region: float = 0.0  # > 0: ops.guidance.trust_region on g
 
 
 def sample_seed(seed: int, class_id: int, k: int, attempt: int = 0) -> int:
@@ -183,6 +195,7 @@ def denoise_step(
     if guidance is not None:
         g = guidance_vector(guidance.mode, x0_hat.flatten(1), guidance.centroids, guidance.basis,
                             guidance.normal_weight)
+        g = trust_region(g, guidance.scale, guidance.trust_region)
         new_mean = guided_mean(mean, sigma, g.view_as(x_t), guidance.scale)
     adds_noise = sampler == "ddpm" and i > 0
     if adds_noise:
@@ -400,7 +413,8 @@ class GuidedSampler:
             state = None
             if i in guided:
                 basis = None if basis_set is None else step_bases(basis_set, basis_index, j)
-                state = GuidanceState(cfg.guidance, centroids, basis, cfg.guidance_scale, cfg.normal_weight)
+                state = GuidanceState(cfg.guidance, centroids, basis, cfg.guidance_scale, cfg.normal_weight,
+                                      cfg.trust_region)
             step = denoise_step(sched, i, x, eps, var_values, sampler=cfg.sampler, noise=z, guidance=state,
                                 sigma_mode=cfg.sigma)
             if step_callback is not None:
