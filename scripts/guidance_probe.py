@@ -78,6 +78,8 @@ def scan(args) -> None:
         sampler = GuidedSampler(load_model(cfg.model, "cpu"), sampler_config(cfg))
         rows, marked = [], set()
         for label, name in enumerate(names):
+            if args.classes and name not in args.classes.split(","):
+                continue
             _, X = read_class_latents(out.latents, name)
             plan = plan_class(X, cfg)
             bases = plan["bases"][plan["offsets"][:-1, None] + plan["step_index"]]
@@ -88,7 +90,7 @@ def scan(args) -> None:
             print(f"seed {seed} class {name}: " + " ".join(f"{v:5.2f}" for v in scores) + "  over "
                   + " ".join(f"{t:g}:{over[t]}" for t in thresholds), flush=True)
             rows.append(list(sampler.decode(z)))
-            marked |= {(label, int(k)) for k in np.flatnonzero(scores > cfg.health.threshold)}
+            marked |= {(len(rows) - 1, int(k)) for k in np.flatnonzero(scores > cfg.health.threshold)}
         if args.sheet:
             Path(args.sheet).mkdir(parents=True, exist_ok=True)
             contact_sheet(rows, zoom=3, marked=marked).save(Path(args.sheet) / f"seed{seed}.png")
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1, help="print every n-th guided step")
     ap.add_argument("--scan", default="", help="seeds (comma-separated): scan every class")
     ap.add_argument("--thresholds", default="3,4,5,6")
+    ap.add_argument("--classes", default="", help="scan: only these classes (comma-separated)")
     ap.add_argument("--sheet", default="", help="scan: folder for one contact sheet per seed")
     args = ap.parse_args()
     if args.scan:
