@@ -52,3 +52,13 @@ def test_the_guided_step_moves_x_at_most_rho_noise_stds():
             np.testing.assert_allclose(rms, rho, rtol=1e-5)
         else:
             assert np.all(rms > 10)
+
+
+def test_the_shipped_prior_caps_manifold_guidance_only():
+    from pipeline.distill.run import prior_defaults
+    from pipeline.eval.tune import AFTER_SWEEP
+
+    rho = AFTER_SWEEP["manifoldgd"][("sampler", "trust_region")][0]
+    assert rho > 0
+    assert prior_defaults("mnist10k", "manifold")["sampler"]["trust_region"] == rho
+    assert "trust_region" not in prior_defaults("mnist10k", "mode").get("sampler", {})
