@@ -49,6 +49,24 @@ def guidance_vector(mode: str, x0_hat, centroid, basis=None, normal_weight: floa
     return tangent + normal_weight * (delta - tangent)
 
 
+def trust_region(g, scale: float, max_rms: float):
+    """g scaled, row by row, so that the guided displacement lambda sigma g moves x_t by at most ``max_rms``
+    noise standard deviations per coordinate (RMS): factor min(1, max_rms sqrt(D) / (lambda |g|)).
+
+    ``g``: (B, D) flattened. ``max_rms`` <= 0 leaves g unchanged. A scalar factor per row, so a manifold g
+    stays in span(U). Why (docs/health.md): a displacement larger than the step's own noise pushes x_t off
+    the noise shell the denoiser was trained on; the next x0_hat then follows it (tangent directions are
+    read as signal) and the guidance overshoots, step after step.
+    """
+    if max_rms <= 0 or scale <= 0:
+        return g
+    dim = g.shape[-1]
+    norm = ((g * g).sum(-1) ** 0.5)[:, None]
+    ratio = (scale * norm) / (max_rms * dim ** 0.5)
+    ratio = ratio.clamp(min=1.0) if hasattr(ratio, "clamp") else array_module(ratio).maximum(ratio, 1.0)
+    return g / ratio
+
+
 def _exp(x):
     if hasattr(x, "exp"):  # torch
         return x.exp()

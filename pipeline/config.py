@@ -34,7 +34,11 @@ __all__ = ["ConfigError"]  # re-exported: callers catch it from here
 
 # (section, field) -> the default that reproduces the bytes made before the field existed: omitted from the
 # hash at that value, so the config hash of every existing run is unchanged (tests/test_cli.py).
-HASH_SKIPPED_DEFAULTS = {("sampler", "sigma"): "scalar"}
+HASH_SKIPPED_DEFAULTS = {("sampler", "sigma"): "scalar", ("sampler", "trust_region"): 0.0}
+# The sample-health section (pipeline/distill/health.py, docs/health.md): hashed like any field, but left out at
+# its defaults (a section left empty is dropped), so folders made before the check existed still resume.
+HASH_SKIPPED_DEFAULTS.update({("health", "threshold"): 4.0, ("health", "policy"): "regenerate",
+                              ("health", "max_attempts"): 3})
 
 
 @dataclass
@@ -101,6 +105,9 @@ class SamplerSection:
     # step's per-coordinate std, as the public MGD3 / ManifoldGD code). They differ only late in sampling:
     # within 0.8% at every step guided with t_stop 25, up to 7.9x at t_stop 0 (docs/sampler.md).
     sigma: str = "scalar"
+    # > 0: a trust region on the guided step: lambda g is scaled down, per sample, to at most this RMS per
+    # coordinate, so one guided step moves x_t by at most trust_region noise std's (docs/health.md). 0 = off.
+    trust_region: float = 0.0
     # Samples per model call (CFG doubles it). Hashed: BLAS picks kernels by batch size, so another
     # max_batch can move a pixel by one grey level; a rerun must use the same value to resume bytes.
     max_batch: int = 64
@@ -109,6 +116,15 @@ class SamplerSection:
     # per_class: each class's samples chunked on their own (the layout before cross-class units). Hashed:
     # the batch a sample shares can move a pixel by one grey level.
     units: str = "cross_class"
+
+
+@dataclass
+class HealthConfig:
+    # After sampling, each final latent's distance to its class's nearest real latent, over the class's own
+    # median nearest-neighbour spacing (ops/health.py); above the threshold the sample is flagged.
+    threshold: float = 4.0
+    policy: str = "regenerate"  # keep (record and report) | regenerate (next noise attempt, see docs/health.md)
+    max_attempts: int = 3       # regenerate: noise attempts per sample, the first one included
 
 
 @dataclass
@@ -140,6 +156,7 @@ class DistillConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tangent: TangentConfig = field(default_factory=TangentConfig)
     sampler: SamplerSection = field(default_factory=SamplerSection)
+    health: HealthConfig = field(default_factory=HealthConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict:
@@ -155,6 +172,8 @@ class DistillConfig:
         for (section, name), default in HASH_SKIPPED_DEFAULTS.items():
             if d[section][name] == default:
                 del d[section][name]
+        for section in [k for k, v in d.items() if v == {}]:
+            del d[section]
         fingerprint = model_fingerprint(self.model)
         if fingerprint:
             d["model"]["fingerprint"] = fingerprint
@@ -305,9 +324,15 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
         raise ConfigError("sampler.num_steps", f"must be in [1, train_steps={s.train_steps}], got {s.num_steps}")
     if not 0 <= s.t_stop <= s.num_steps:
         raise ConfigError("sampler.t_stop", f"must be in [0, num_steps={s.num_steps}], got {s.t_stop}")
-    for name in ("cfg_scale", "guidance_scale", "normal_weight"):
+    for name in ("cfg_scale", "guidance_scale", "normal_weight", "trust_region"):
         if getattr(s, name) < 0:
             raise ConfigError(f"sampler.{name}", f"must be >= 0, got {getattr(s, name)}")
+    h = cfg.health
+    _choice("health.policy", h.policy, ("keep", "regenerate"))
+    if not h.threshold > 0:
+        raise ConfigError("health.threshold", f"must be > 0, got {h.threshold}")
+    if h.max_attempts < 1:
+        raise ConfigError("health.max_attempts", f"must be >= 1, got {h.max_attempts}")
     r = cfg.runtime
     if s.max_batch <= 0:
         raise ConfigError("sampler.max_batch", f"must be positive, got {s.max_batch}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.common.images import crop_images, folder_contact_sheet, load_png_folder, random_subset
+from pipeline.distill.health import health_summary
 from pipeline.distill.run import builtin_prior_exists, distill_command, resolve_distill_config
 from pipeline.eval.students import StudentRecipe, accuracy, train_student
 from pipeline.inputs.datasets import load_builtin
@@ -51,9 +52,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                           guidance="manifold", overrides=args.set))
     if code:
         return code
-    sheet = folder_contact_sheet(out / "train", out / "contact_sheet.png")
+    flagged = health_summary(out / "manifest.parquet")["flagged_images"]
+    sheet = folder_contact_sheet(out / "train", out / "contact_sheet.png", flagged)
     print(f"\ndistilled images: {out / 'train'}  ({args.ipc} per class)")
-    print(f"contact sheet:    {sheet}  (one row per class)")
+    print(f"contact sheet:    {sheet}  (one row per class"
+          f"{f'; {len(flagged)} flagged sample(s) framed in red' if flagged else ''})")
     print(f"manifest:         {out / 'manifest.parquet'}")
     print(f"\nevaluating: ConvNet-3 students, {args.epochs} epochs, {args.seeds} seed(s), "
           f"tested on the real {args.data} test split ...", flush=True)

@@ -51,6 +51,14 @@ def test_layout_manifest_and_hashes(distilled):
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["found"] == run["counts"]["encoded"] + run["counts"]["quarantined"] == 17
     assert run["config_hash"] == manifest[0]["config_hash"]
+    # The health check: every image scored and recorded; run.json counts what the manifest holds.
+    threshold = run["config"]["health"]["threshold"]
+    for row in manifest:
+        assert row["flagged"] == (row["health_score"] > threshold) and 0 <= row["attempt"] < 3
+    assert run["health"]["checked"] == 9
+    assert run["health"]["flagged"] == sum(r["flagged"] for r in manifest)
+    assert run["health"]["regenerated"] == sum(r["attempt"] > 0 for r in manifest)
+    assert sorted(run["health"]["flagged_images"]) == sorted(r["path"] for r in manifest if r["flagged"])
     quarantine = {r["path"]: r["reason"] for r in pq.read_table(out / "quarantine.parquet").to_pylist()}
     assert set(quarantine) == {"dog/notes.txt", "dog/broken.png"}
     assert "extension" in quarantine["dog/notes.txt"] and "decode" in quarantine["dog/broken.png"]

@@ -47,11 +47,19 @@ def png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def contact_sheet(rows: list[list[np.ndarray]], pad: int = 2, zoom: int = 1) -> Image.Image:
-    """One row of images per list, on white, ``pad`` pixels around and between them, scaled ``zoom`` x."""
+MARK_RGB = (230, 0, 0)  # the frame around an image the health check flagged
+
+
+def contact_sheet(rows: list[list[np.ndarray]], pad: int = 2, zoom: int = 1,
+                  marked: set[tuple[int, int]] | None = None) -> Image.Image:
+    """One row of images per list, on white, ``pad`` pixels around and between them, scaled ``zoom`` x.
+    ``marked``: (row, column) of images to frame in red (the ``pad`` pixels around them)."""
     h, w = rows[0][0].shape[:2]
     cols = max(len(r) for r in rows)
     sheet = np.full((len(rows) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, np.uint8)
+    for i, j in sorted(marked or ()):
+        top, left = i * (h + pad), j * (w + pad)
+        sheet[top: top + h + 2 * pad, left: left + w + 2 * pad] = MARK_RGB
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
             sheet[pad + i * (h + pad): pad + i * (h + pad) + h, pad + j * (w + pad): pad + j * (w + pad) + w] = im
@@ -59,11 +67,15 @@ def contact_sheet(rows: list[list[np.ndarray]], pad: int = 2, zoom: int = 1) -> 
     return image.resize((sheet.shape[1] * zoom, sheet.shape[0] * zoom), Image.NEAREST) if zoom > 1 else image
 
 
-def folder_contact_sheet(train_dir: Path, out_path: Path) -> Path:
-    """The contact sheet of a distilled ``train/<class>/*.png`` folder: one row per class (sorted), 3x."""
-    rows = [[np.asarray(Image.open(p).convert("RGB")) for p in sorted(cls.glob("*.png"))]
-            for cls in sorted(p for p in Path(train_dir).iterdir() if p.is_dir())]
-    contact_sheet(rows, zoom=3).save(out_path)
+def folder_contact_sheet(train_dir: Path, out_path: Path, flagged=()) -> Path:
+    """The contact sheet of a distilled ``train/<class>/*.png`` folder: one row per class (sorted), 3x.
+    ``flagged``: image paths (relative to the run folder, as in the manifest, or absolute) framed in red."""
+    train_dir = Path(train_dir)
+    flagged = {Path(f).name for f in flagged}
+    paths = [sorted(cls.glob("*.png")) for cls in sorted(p for p in train_dir.iterdir() if p.is_dir())]
+    rows = [[np.asarray(Image.open(p).convert("RGB")) for p in row] for row in paths]
+    marked = {(i, j) for i, row in enumerate(paths) for j, p in enumerate(row) if p.name in flagged}
+    contact_sheet(rows, zoom=3, marked=marked).save(out_path)
     return out_path
 
 

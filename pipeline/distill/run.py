@@ -32,6 +32,7 @@ from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_t
 from pipeline.common.ray_start import init_ray
 from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
 from pipeline.distill.encode import decode_failures, encode_devices, encode_stage, latent_counts
+from pipeline.distill.health import health_summary
 from pipeline.distill.plan import submit_plans
 from pipeline.distill.sample import UnitFailedError, sample_stage
 from pipeline.inputs.sources import builtin_names, list_source
@@ -282,6 +283,7 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
                    "classes_sampled_this_run": len({c for r in sampled for c in r["classes"]}),
                    "units_sampled_this_run": len(sampled), "images": n_rows,
                    "classes_with_repeated_centroids": sorted(p["class_name"] for p in plans if p.get("repeated"))},
+        "health": (health := health_summary(out.root / "manifest.parquet")),
         "plan_backends": sorted({p["backend"] for p in plans if p.get("backend")}),
         "nodes_used": sorted({r["node_id"] for r in sampled}),
         "devices": stage_devices(out, plans, sampled),
@@ -289,7 +291,8 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
     warn_fallbacks(record["devices"])
     atomic_write_json(out.root / "run.json", record)
     log(f"done: {n_rows} images in {out.train} ({len(classes)} classes); "
-        f"{n_quarantined} file(s) quarantined; {timings['total']:.1f}s")
+        f"{n_quarantined} file(s) quarantined; {health['flagged']} flagged by the health check "
+        f"({health['regenerated']} regenerated); {timings['total']:.1f}s")
     return record
 
 

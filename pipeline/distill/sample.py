@@ -55,6 +55,7 @@ from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atomic_write_table, sha256_bytes
 from pipeline.config import DistillConfig, build_config
+from pipeline.distill.health import HEALTH_COLUMNS, HealthCheck
 from pipeline.distill.plan import log_plan_warnings, plan_task_options
 from pipeline.models.refs import load_model
 from pipeline.models.sampler import GuidedSampler, SamplerConfig
@@ -62,7 +63,8 @@ from pipeline.models.sampler import GuidedSampler, SamplerConfig
 log = get_logger().info
 
 MANIFEST_COLUMNS = ("class", "label", "k", "seed", "path", "centroid_node", "centroid_level",
-                    "repeated_centroid", "guidance", "cluster", "model", "vae", "config_hash", "sha256")
+                    "repeated_centroid", "guidance", "cluster", "model", "vae", "config_hash", "sha256",
+                    *HEALTH_COLUMNS)
 FAULTS_ENV = "MANIFOLDGD_TEST_FAULTS"  # test-only fault injection (JSON), read by the driver, see _Faults
 POLL_S = 1.0  # longest single wait of the driver loop; every wait re-checks the state after it
 PLAN_CACHE = 16  # plans an actor keeps loaded (a unit spans few classes unless IPC is small)
@@ -77,7 +79,7 @@ def sampler_config(cfg: DistillConfig):
     return SamplerConfig(num_steps=s.num_steps, train_steps=s.train_steps, sampler=s.sampler,
                          cfg_scale=s.cfg_scale, cfg_channels=s.cfg_channels, guidance=s.guidance,
                          guidance_scale=s.guidance_scale, t_stop=s.t_stop, normal_weight=s.normal_weight,
-                         sigma=s.sigma, max_batch=s.max_batch, seed=cfg.seed)
+                         sigma=s.sigma, max_batch=s.max_batch, seed=cfg.seed, trust_region=s.trust_region)
 
 
 # ------------------------------------------------------------------------------------ work units
@@ -133,7 +135,7 @@ def unit_done(out: OutputDir, unit: Unit) -> bool:
 def finalize_class(out: OutputDir, class_name: str, uids: list[str], ipc: int) -> None:
     """Write the class's manifest part from its units' files, then ``_SUCCESS`` (idempotent)."""
     parts = [pq.read_table(unit_part(out, uid)) for uid in uids]
-    table = pa.concat_tables(parts)
+    table = pa.concat_tables(parts, promote_options="default")  # units written before the health columns
     rows = table.filter(pc.equal(table.column("class"), class_name))
     rows = rows.take(pc.sort_indices(rows, sort_keys=[("k", "ascending")]))
     if rows.column("k").to_pylist() != list(range(ipc)):
@@ -206,6 +208,8 @@ class ClassSampler:
         self.out = OutputDir(self.cfg.out)
         self.plans: OrderedDict = OrderedDict()
         self.faults = _Faults(faults)
+        h = self.cfg.health
+        self.health = HealthCheck(self.out, h.threshold, h.policy, h.max_attempts)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
@@ -246,11 +250,11 @@ class ClassSampler:
         cfg, out = self.cfg, self.out
         rows = [(str(c), int(y), int(k)) for c, y, k in unit["rows"]]
         centroids, bases, basis_index = self._guidance_rows(rows)
-        images = self.sampler.sample_images([y for _, y, _ in rows], [k for _, _, k in rows],
-                                            centroids, bases, basis_index)
+        health = self.health.sample_rows(self.sampler, rows, centroids, bases, basis_index)
+        images = self.sampler.decode(health["latents"])
         done = {c for c in dict.fromkeys(r[0] for r in rows) if out.is_class_done(c)}
         table = {c: [] for c in MANIFEST_COLUMNS}
-        for (class_name, label, k), image in zip(rows, images):
+        for r, ((class_name, label, k), image) in enumerate(zip(rows, images)):
             plan = self._plan(class_name)
             data = png_bytes(image)
             path = out.image_path(class_name, k)
@@ -263,7 +267,8 @@ class ClassSampler:
                                ("repeated_centroid", bool(plan["repeated"])),
                                ("guidance", cfg.sampler.guidance), ("cluster", cfg.cluster.method),
                                ("model", cfg.model.model), ("vae", cfg.model.vae or f"{cfg.model.model}/vae"),
-                               ("config_hash", self.hash), ("sha256", sha256_bytes(data))):
+                               ("config_hash", self.hash), ("sha256", sha256_bytes(data)),
+                               *((col, health[col][r].item()) for col in HEALTH_COLUMNS)):
                 table[col].append(value)
         atomic_write_table(unit_part(out, unit["uid"]), pa.table(table))
         return {"uid": unit["uid"], "images": len(rows), "classes": list(dict.fromkeys(r[0] for r in rows)),

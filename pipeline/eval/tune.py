@@ -128,6 +128,9 @@ def choose(out: Path, table: dict[str, tuple[str, dict]], ipc: int, seeds: list[
 
 GUIDANCE = {"mgd3": "mode", "manifoldgd": "manifold"}
 DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "priors" / "mnist10k" / "distill_defaults.yaml"
+# Chosen on val after the sweep, outside its search space, per method: (section, field) -> (value, where the
+# choice is documented). Written into the defaults file with the sweep's choice.
+AFTER_SWEEP = {"manifoldgd": {("sampler", "trust_region"): (1.0, "docs/health.md")}}
 
 
 def defaults_yaml(chosen: dict, results_path: str) -> str:
@@ -146,10 +149,14 @@ def defaults_yaml(chosen: dict, results_path: str) -> str:
         for key, value in changed.items():
             section, field = key.split(".")
             sections.setdefault(section, {})[field] = value
+        extra = AFTER_SWEEP.get(base, {})
+        for (section, field), (value, _) in extra.items():
+            sections.setdefault(section, {})[field] = value
         for section, fields in sections.items():
             lines.append(f"  {section}:")
-            lines += [f"    {f}: {v}" for f, v in fields.items()]
-        if not changed:
+            lines += [f"    {f}: {v}" + (f"  # chosen on val after the sweep: {extra[(section, f)][1]}"
+                                         if (section, f) in extra else "") for f, v in fields.items()]
+        if not changed and not extra:
             lines.append("  {}")
     return "\n".join(lines) + "\n"
 

@@ -44,7 +44,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ops.guidance import GUIDANCE_MODES, SIGMA_MODES, guidance_sigma, guidance_vector, guided_mean, x0_from_eps
+from ops.guidance import (
+    GUIDANCE_MODES,
+    SIGMA_MODES,
+    guidance_sigma,
+    guidance_vector,
+    guided_mean,
+    trust_region,
+    x0_from_eps,
+)
 from ops.schedule import (
     SPACINGS,
     Schedule,
@@ -74,6 +82,7 @@ class SamplerConfig:
     t_stop: int = 25  # guided while the respaced index i > t_stop
     normal_weight: float = 0.0  # manifold only: weight of the normal component of c - x0_hat
     sigma: str = "scalar"  # sigma_i of the guidance term: scalar (per sample) | elementwise (per coordinate)
+    trust_region: float = 0.0  # > 0: lambda g capped at this RMS per coordinate (ops.guidance.trust_region)
     max_batch: int = 64  # samples per model call (the model sees 2x with CFG)
     seed: int = 0
     autocast: bool = True  # bf16 (fp16 without bf16 support) autocast on CUDA; CPU always runs fp32
@@ -94,6 +103,8 @@ class SamplerConfig:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
         if self.normal_weight < 0:
             raise ValueError(f"normal_weight must be >= 0, got {self.normal_weight}")
+        if self.trust_region < 0:
+            raise ValueError(f"trust_region must be >= 0, got {self.trust_region}")
 
     def guided_indices(self) -> list[int]:
         """Respaced indices whose step is guided, in sampling order (empty for guidance none)."""
@@ -135,11 +146,14 @@ class GuidanceState:
     basis: torch.Tensor | None  # (n, D, d) or None
     scale: float
     normal_weight: float = 0.0
+    trust_region: float = 0.0  # > 0: ops.guidance.trust_region on g
 
 
-def sample_seed(seed: int, class_id: int, k: int) -> int:
-    """A 63-bit generator seed that depends on (seed, class, sample index) only."""
-    digest = hashlib.blake2b(f"manifoldgd/noise/{seed}/{class_id}/{k}".encode(), digest_size=8).digest()
+def sample_seed(seed: int, class_id: int, k: int, attempt: int = 0) -> int:
+    """A 63-bit generator seed that depends on (seed, class, sample index, attempt) only. Attempt 0 is the
+    sample's first noise (the same seed as before attempts existed); a health regeneration uses 1, 2, ..."""
+    key = f"manifoldgd/noise/{seed}/{class_id}/{k}" + (f"/attempt{attempt}" if attempt else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
@@ -181,6 +195,7 @@ def denoise_step(
     if guidance is not None:
         g = guidance_vector(guidance.mode, x0_hat.flatten(1), guidance.centroids, guidance.basis,
                             guidance.normal_weight)
+        g = trust_region(g, guidance.scale, guidance.trust_region)
         new_mean = guided_mean(mean, sigma, g.view_as(x_t), guidance.scale)
     adds_noise = sampler == "ddpm" and i > 0
     if adds_noise:
@@ -196,10 +211,12 @@ def denoise_step(
 class _NoiseStreams:
     """One CPU generator per row (class, k); each ``draw`` returns the next (n, C, H, W) block."""
 
-    def __init__(self, seed: int, class_ids: Sequence[int], indices: Sequence[int], shape):
+    def __init__(self, seed: int, class_ids: Sequence[int], indices: Sequence[int], shape,
+                 attempts: Sequence[int] | None = None):
         self.shape = tuple(shape)
-        self.generators = [torch.Generator().manual_seed(sample_seed(seed, int(y), int(k)))
-                           for y, k in zip(class_ids, indices, strict=True)]
+        attempts = [0] * len(indices) if attempts is None else attempts
+        self.generators = [torch.Generator().manual_seed(sample_seed(seed, int(y), int(k), int(a)))
+                           for y, k, a in zip(class_ids, indices, attempts, strict=True)]
 
     def draw(self) -> torch.Tensor:
         return torch.stack([torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators])
@@ -341,12 +358,14 @@ class GuidedSampler:
         *,
         noise: torch.Tensor | None = None,
         step_callback: Callable[[StepInfo], None] | None = None,
+        attempts: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Final scaled latents (n, C, H, W) on CPU for rows (class_ids[r], indices[r]).
 
         ``centroids``: (n, D); ``bases``: a compact (B, D, d) set of distinct bases; ``basis_index``:
         (n, S) integers, the basis row r uses at guided step s (or (n,): the same at every step).
-        Rows go through the model in order, ``max_batch`` at a time.
+        Rows go through the model in order, ``max_batch`` at a time. ``attempts``: each row's noise
+        attempt (default 0; ``sample_seed``).
         """
         cfg = self.config
         class_ids = [int(y) for y in class_ids]
@@ -358,6 +377,9 @@ class GuidedSampler:
         if bad:
             raise ValueError(f"class_id must be in [0, {self.prior.num_classes}), got {bad[0]}")
         c_all, u_set, u_index = self._guidance_inputs(centroids, bases, basis_index, n)
+        attempts = None if attempts is None else [int(a) for a in attempts]
+        if attempts is not None and len(attempts) != n:
+            raise ValueError(f"attempts must have one entry per row ({n}), got {len(attempts)}")
         if noise is not None and tuple(noise.shape) != (n, *self.prior.latent_shape):
             raise ValueError(f"noise must have shape {(n, *self.prior.latent_shape)}, got {tuple(noise.shape)}")
         out = []
@@ -370,12 +392,14 @@ class GuidedSampler:
                 None if u_index is None else u_index[rows],
                 None if noise is None else noise[rows],
                 step_callback,
+                None if attempts is None else attempts[rows],
             ))
         return torch.cat(out) if out else torch.empty((0, *self.prior.latent_shape))
 
-    def _sample_chunk(self, class_ids, chunk, centroids, basis_set, basis_index, noise, step_callback):
+    def _sample_chunk(self, class_ids, chunk, centroids, basis_set, basis_index, noise, step_callback,
+                      attempts=None):
         cfg, sched = self.config, self.schedule
-        streams = _NoiseStreams(cfg.seed, class_ids, chunk, self.prior.latent_shape)
+        streams = _NoiseStreams(cfg.seed, class_ids, chunk, self.prior.latent_shape, attempts)
         x_T = streams.draw()  # always drawn, so the step noise stream is the same with or without `noise`
         x = (x_T if noise is None else noise.detach().cpu().float()).to(self.device)
         labels = torch.as_tensor(class_ids, dtype=torch.long, device=self.device)
@@ -389,7 +413,8 @@ class GuidedSampler:
             state = None
             if i in guided:
                 basis = None if basis_set is None else step_bases(basis_set, basis_index, j)
-                state = GuidanceState(cfg.guidance, centroids, basis, cfg.guidance_scale, cfg.normal_weight)
+                state = GuidanceState(cfg.guidance, centroids, basis, cfg.guidance_scale, cfg.normal_weight,
+                                      cfg.trust_region)
             step = denoise_step(sched, i, x, eps, var_values, sampler=cfg.sampler, noise=z, guidance=state,
                                 sigma_mode=cfg.sigma)
             if step_callback is not None:
