@@ -170,10 +170,11 @@ def _same_rows(group):
     return group
 
 
-def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -> dict:
+def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -> None:
+    """Encode every listed image into ``_work/latents`` (skipped when a finished one is there)."""
     if (out.latents / "_DONE").exists():
         log("encode: latents found, skipping")
-        return {"skipped": True}
+        return
     use_gpu = cfg.runtime.use_gpu(ray.cluster_resources().get("GPU", 0))  # runtime.device: auto | cuda | cpu
     lo, hi = pool_size(cfg.runtime.encode_actors, use_gpu)
     log(f"encode: {listing.num_items} images at {image_size}px, {hi} VAE actor(s) on {'GPU' if use_gpu else 'CPU'}")
@@ -185,7 +186,12 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
                                                             "micro_batch": cfg.model.encode_batch},
                         batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
                         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                        num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5)
+                        num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5,
+                        # Ray Data hands each pool actor its function and context as object-store refs,
+                        # which an in-place restart cannot rely on (Ray logs an error-level line for every
+                        # such actor with restarts on). Stage 1 is all-or-nothing (written to latents.tmp,
+                        # renamed when complete): a lost encode actor ends the stage and a rerun redoes it.
+                        max_restarts=0)
     tmp = out.work / "latents.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if listing.kind == "parquet":
@@ -196,7 +202,6 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
     (tmp / "_DONE").write_text("ok\n")
     shutil.rmtree(out.latents, ignore_errors=True)
     os.replace(tmp, out.latents)
-    return {"skipped": False}
 
 
 def decode_failures(out: OutputDir) -> list[tuple[str, str]]:
