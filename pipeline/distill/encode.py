@@ -10,6 +10,7 @@ import functools
 import hashlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -181,17 +182,22 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
     ds = input_dataset(listing)
     ds = ds.map_batches(functools.partial(decode_batch, image_size=image_size, hflip=cfg.data.hflip,
                                           seed=cfg.seed), batch_format="numpy", batch_size=64)
-    ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
-                                                            "threads": 0 if use_gpu else 1,
-                                                            "micro_batch": cfg.model.encode_batch},
-                        batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                        num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5,
-                        # Ray Data hands each pool actor its function and context as object-store refs,
-                        # which an in-place restart cannot rely on (Ray logs an error-level line for every
-                        # such actor with restarts on). Stage 1 is all-or-nothing (written to latents.tmp,
-                        # renamed when complete): a lost encode actor ends the stage and a rerun redoes it.
-                        max_restarts=0)
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts only among the extra remote args, which it marks deprecated (for
+        # 2.64) before it has a named parameter for it: this one call's notice is not the user's to act on.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
+                                                                "threads": 0 if use_gpu else 1,
+                                                                "micro_batch": cfg.model.encode_batch},
+                            batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                            num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5,
+                            # Ray Data hands each pool actor its function and context as object-store
+                            # refs, which an in-place restart cannot rely on (Ray logs an error-level line
+                            # for every such actor with restarts on). Stage 1 is all-or-nothing (written
+                            # to latents.tmp, renamed when complete): a lost encode actor ends the stage,
+                            # and a rerun redoes it.
+                            max_restarts=0)
     tmp = out.work / "latents.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     if listing.kind == "parquet":
