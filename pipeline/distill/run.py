@@ -30,7 +30,16 @@ import torch
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_table
 from pipeline.common.ray_start import init_ray
-from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
+from pipeline.config import (
+    ConfigError,
+    DistillConfig,
+    build_config,
+    choices_text,
+    load_yaml,
+    parse_set,
+    to_yaml,
+    validate,
+)
 from pipeline.distill.encode import decode_failures, encode_stage, latent_counts
 from pipeline.distill.plan import plan_stage, submit_plans
 from pipeline.distill.sample import ClassSampler
@@ -48,8 +57,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ipc", type=int, help="images per class (default 10)")
     p.add_argument("--model", help="DiT hub id or local folder (default facebook/DiT-XL-2-256)")
     p.add_argument("--vae", help="VAE hub id or local folder (default stabilityai/sd-vae-ft-mse)")
-    p.add_argument("--guidance", help="none | mode | manifold (default manifold)")
-    p.add_argument("--cluster", help="divisive | kmeans (default divisive)")
+    p.add_argument("--guidance", help=f"{choices_text('sampler.guidance')} (default manifold)")
+    p.add_argument("--cluster", help=f"{choices_text('cluster.method')} (default divisive)")
     p.add_argument("--seed", type=int, help="generation seed (default 0)")
     p.add_argument("--config", metavar="FILE_OR_PRESET",
                    help="a config file, or a packaged preset by name (e.g. imagenet1k_ipc50)")
