@@ -22,7 +22,7 @@ it returns: ``plans`` (one per class, its ``seconds``) and ``units`` (one per wo
   the CPUs to itself): stage wall time x slots, minus the work each task or unit reported, per class / unit;
 - the cost of reading one class's latents (``read_class_latents``) after the run, at each size;
 - peak driver RSS (psutil, sampled every 0.2 s, and ``ru_maxrss``) and peak object-store use (``ray memory
-  --stats-only``, every 2 s) against the store's capacity;
+  --stats-only``, every 5 s) against the store's capacity;
 - bytes and files of manifest.parquet, _work/latents, _work/centroids and train/.
 
 Then it prints one table with the 100/10 and 1000/100 ratios (class counts grow 10x each step, so a
@@ -98,7 +98,7 @@ def make_prior(folder: Path) -> Path:
 
 # ------------------------------------------------------------------------------------ sampling
 class PeakSampler(threading.Thread):
-    """Polls driver RSS (every 0.2 s) and object-store bytes in use (every 2 s) until stopped."""
+    """Polls driver RSS (every 0.2 s) and object-store bytes in use (every 5 s) until stopped."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -134,7 +134,7 @@ class PeakSampler(threading.Thread):
             rss = self.proc.memory_info().rss
             self.peak_rss = max(self.peak_rss, rss)
             self.timeline.append((time.monotonic() - self.t0, rss))
-            if time.monotonic() - last_store >= 2.0:
+            if time.monotonic() - last_store >= 5.0:
                 last_store = time.monotonic()
                 try:
                     self.peak_store = max(self.peak_store, self._store_bytes(address))

@@ -101,6 +101,7 @@ def test_folder_without_weights_is_one_error(tmp_path):
     assert "DiTTransformer2DModel" in msg and "AutoencoderKL" in msg  # both failures in one message
 
 
+@pytest.mark.slow
 def test_hub_id_offline_fails_with_staging_help(tmp_path):
     # A fresh interpreter so huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import, as on a cluster.
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))
