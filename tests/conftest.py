@@ -70,8 +70,9 @@ def faulty_sampler(marker_dir: Path | str = "", **spec) -> type:
     ``actor_cls`` to ``sample_stage`` / ``run`` / ``distill_command``. ``spec``: ``raise_once_per_class``,
     ``raise_always``, ``exit_units`` / ``kill_units`` / ``hang_units`` (unit indices; on the unit's first
     try: the process exits (Ray restarts the actor), the actor is killed for good (the driver must replace
-    it), or the unit sleeps ``hang_s``), ``delay_s`` (a pause before every unit). "Once" and "first try"
-    are markers in ``marker_dir``, so they hold across actor restarts."""
+    it), or the unit sleeps ``hang_s``), ``delay_s`` (a pause before every unit), ``spread_over`` (no unit
+    runs until that many actors have each taken one: work lands on several nodes whatever the load). "Once",
+    "first try" and the actors seen are markers in ``marker_dir``, so they hold across actor restarts."""
     import ray
 
     from pipeline.distill.sample import ClassSampler
@@ -92,6 +93,12 @@ def faulty_sampler(marker_dir: Path | str = "", **spec) -> type:
         def run_unit(self, unit: dict) -> dict:
             spec, uid = self.SPEC, unit["uid"]
             time.sleep(float(spec.get("delay_s", 0)))
+            if spec.get("spread_over"):  # no unit runs before that many actors have each taken one
+                self._first(f"actor-{ray.get_runtime_context().get_actor_id()}")
+                deadline = time.monotonic() + 600
+                while (len(list(Path(spec["dir"]).glob("actor-*"))) < spec["spread_over"]
+                       and time.monotonic() < deadline):
+                    time.sleep(0.1)
             index = int(uid[1:7]) if uid.startswith("u") else -1
             if index in spec.get("exit_units", []) and self._first(f"exit-{uid}"):
                 os._exit(1)

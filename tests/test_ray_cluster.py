@@ -84,9 +84,8 @@ def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path):
 
     ray.shutdown()
     # Units of a tiny model take a fraction of a second: the first actor to load its model could run
-    # them all before the others are up. A test-only pause per unit (conftest.faulty_sampler) lets the
-    # others join, so the clean run uses several nodes and the lost one held work.
-    slow = faulty_sampler(delay_s=1.5)
+    # them all before the others are up. A test-only actor (conftest.faulty_sampler) holds every unit until
+    # two actors have taken one, so the clean run uses several nodes and the lost one held work.
     tiny_prior = save_tiny_prior(tmp_path / "prior", num_classes=6)
     data = write_image_folder(tmp_path / "data", {c: 4 for c in "abcdef"})
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
@@ -110,7 +109,9 @@ def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path):
             thread.start()
         try:
             args = build_parser(["distill"]).parse_args(_distill_args(data, out, tiny_prior))
-            assert distill_command(lambda: resolve_config(args), actor_cls=slow) == 0
+            (tmp_path / f"{out.name}-actors").mkdir()
+            spread = faulty_sampler(tmp_path / f"{out.name}-actors", spread_over=2)
+            assert distill_command(lambda: resolve_config(args), actor_cls=spread) == 0
         finally:
             stop.set()
             ray.shutdown()
