@@ -30,8 +30,8 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
-# Everyday tier: unit tests and the small end-to-end ones; no test marked `cluster` or `slow` (every test on
-# the shared Ray session is `slow`, see tests/conftest.py). Under 3 minutes on 2 cores.
+# Everyday tier: unit tests and a small end-to-end run; no test marked `cluster` or `slow` (every test on the
+# shared Ray session but the `smoke` one is `slow`, see tests/conftest.py). Under 3 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15 -m "not cluster and not slow" $(PYTEST_ARGS)
 

@@ -49,10 +49,11 @@ def ray_session():
 
 def pytest_collection_modifyitems(config, items):
     """Every test that uses the shared Ray session is `slow` (Ray's start, workers and model loads take tens
-    of seconds on 2 cores): `make test-fast` leaves them to `make test`. Tests marked `cluster` shut the
-    shared session instance down to start clusters of their own, so they run last."""
+    of seconds on 2 cores) unless it is marked `smoke` (one small run through Ray): `make test-fast` leaves
+    the slow ones to `make test`. Tests marked `cluster` shut the shared session instance down to start
+    clusters of their own, so they run last."""
     for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()):
+        if "ray_session" in getattr(item, "fixturenames", ()) and item.get_closest_marker("smoke") is None:
             item.add_marker(pytest.mark.slow)
     items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
 

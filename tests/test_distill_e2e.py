@@ -102,6 +102,7 @@ def test_guidance_changes_images_but_not_the_noise(distilled, tiny_prior, tmp_pa
     assert a.shape == b.shape and np.abs(a - b).max() > 0
 
 
+@pytest.mark.smoke
 def test_a_clean_run_prints_no_warning_or_error_line(tiny_prior, tmp_path, ray_session, capfd):
     """Nothing a user would read as a failure: no Ray error-level line (the encode actors' constructor
     arguments with restarts on) and no deprecation notice from how the stages call Ray. (Ray Data's own
@@ -117,5 +118,7 @@ def test_a_clean_run_prints_no_warning_or_error_line(tiny_prior, tmp_path, ray_s
     text = captured.out + captured.err
     assert "has constructor arguments in the object store" not in text
     assert not [line for line in text.splitlines() if " E " in line[:40] or "Deprecat" in line], text[-3000:]
-    assert not [w for w in caught if "ray" in str(w.filename) or "pipeline" in str(w.filename)], \
-        [f"{w.filename}: {w.message}" for w in caught]
+    # Warnings raised at the project's own calls (Ray attributes its deprecation notices to the caller);
+    # Ray's internal DeprecationWarnings are hidden outside __main__ and never reach a user.
+    ours = [w for w in caught if "/pipeline/" in str(w.filename)]
+    assert not ours, [f"{w.filename}: {w.message}" for w in ours]
