@@ -8,7 +8,7 @@ LOCK := requirements/lock-cpu.txt
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
-.PHONY: install lint test demo bench lock clean gpu-wheels
+.PHONY: install lint test test-fast demo bench lock clean gpu-wheels
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,8 +30,14 @@ lint: $(STAMP)
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/python cluster_configs/validate.py
 
+# The full suite (what CI runs), with its 15 slowest tests listed at the end.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+# Everyday tier: unit tests and a small end-to-end run; no test marked `cluster` or `slow` (every test on the
+# shared Ray session but the `smoke` one is `slow`, see tests/conftest.py). Under 3 minutes on 2 cores.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q --durations=15 -m "not cluster and not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/manifoldgd demo

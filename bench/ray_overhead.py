@@ -19,9 +19,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 # bench/ holds ops.py and sampler.py: drop it from the path so `ops` and `pipeline` are the packages
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from conftest import save_tiny_prior, write_image_folder  # noqa: E402
+from pipeline.common.synthetic import save_tiny_prior, write_image_folder  # noqa: E402
 
 
 def in_process(cfg, listing, image_size):

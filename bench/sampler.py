@@ -86,11 +86,11 @@ def noise_draw_cost(latent_shape, batches=(8, 64, 256), repeats=5):
 
     On a GPU this overlaps the model forward, whose kernels are already queued when it runs.
     """
-    from pipeline.models.sampler import _NoiseStreams
+    from pipeline.models.noise import NoiseStreams
 
     print(f"\nper-step noise draw from per-sample CPU generators, latents {latent_shape}:")
     for b in batches:
-        streams = _NoiseStreams(0, 1, range(b), latent_shape)
+        streams = NoiseStreams(0, 1, range(b), latent_shape)
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()

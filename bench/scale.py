@@ -12,17 +12,17 @@ own peak), with Ray started by the script:
   with every class planned: the stages before the overlap. It reuses the overlap run's encoded latents
   (hard links), so both variants plan and sample from the same files; compare their ``plan_and_sample``.
 
-Both wrap the driver's own stage functions (``run.sample_stage`` and, for the barrier, ``run.submit_plans``)
-and read the stage's results: ``["plans"]`` (one per class, its ``seconds``) and ``["units"]`` (one per work
-unit of ``sampler.max_batch`` samples, its ``seconds`` and ``images``). It records:
+Both call the driver's ``run_stages`` (``plan_barrier=True`` for the barrier) and read the stages' results
+it returns: ``plans`` (one per class, its ``seconds``) and ``units`` (one per work unit of
+``sampler.max_batch`` samples, its ``seconds`` and ``images``). It records:
 
 - wall time per stage, files/s listed, files/s through the encode stage, and files/s decoded in one
   process (read + DiT preprocessing, no Ray) for reference;
 - per-class overhead of stage 2 and per-unit overhead of stage 3 in the barrier run (where each stage has
   the CPUs to itself): stage wall time x slots, minus the work each task or unit reported, per class / unit;
 - the cost of reading one class's latents (``read_class_latents``) after the run, at each size;
-- peak driver RSS (psutil, sampled every 0.2 s, and ``ru_maxrss``) and peak object-store use (raylet
-  store stats, sampled every 0.5 s) against the store's capacity;
+- peak driver RSS (psutil, sampled every 0.2 s, and ``ru_maxrss``) and peak object-store use (``ray memory
+  --stats-only``, every 5 s) against the store's capacity;
 - bytes and files of manifest.parquet, _work/latents, _work/centroids and train/.
 
 Then it prints one table with the 100/10 and 1000/100 ratios (class counts grow 10x each step, so a
@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -62,7 +63,6 @@ ROOT = HERE.parents[1]
 # bench/ holds ops.py and sampler.py: drop it from the path so `ops` and `pipeline` are the packages
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != HERE.parent]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "tests"))
 
 SHIPPED_BY_SIZE = {10: "imagenette", 100: "imagenet100", 1000: "imagenet1k"}
 MiB = 2**20
@@ -80,7 +80,7 @@ def class_wnids(n: int) -> list[str]:
 
 def make_data(root: Path, wnids: list[str], per_class: int, size: int) -> Path:
     """root/train/<wnid>/img_<i>.png, written once (a _DONE marker makes reruns reuse it)."""
-    from conftest import write_image_folder
+    from pipeline.common.synthetic import write_image_folder
 
     if not (root / "_DONE").exists():
         write_image_folder(root, {w: per_class for w in wnids}, size=size)
@@ -89,7 +89,7 @@ def make_data(root: Path, wnids: list[str], per_class: int, size: int) -> Path:
 
 
 def make_prior(folder: Path) -> Path:
-    from conftest import save_tiny_prior
+    from pipeline.common.synthetic import save_tiny_prior
 
     if not (folder / "transformer").is_dir():
         save_tiny_prior(folder, num_classes=1000)
@@ -98,7 +98,7 @@ def make_prior(folder: Path) -> Path:
 
 # ------------------------------------------------------------------------------------ sampling
 class PeakSampler(threading.Thread):
-    """Polls driver RSS (every 0.2 s) and object-store bytes in use (every 0.5 s) until stopped."""
+    """Polls driver RSS (every 0.2 s) and object-store bytes in use (every 5 s) until stopped."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -114,28 +114,30 @@ class PeakSampler(threading.Thread):
         self.timeline: list[tuple[float, int]] = []  # (seconds since start, RSS bytes)
         self.t0 = time.monotonic()
 
-    def _store_bytes(self, state) -> tuple[int, int]:
-        from ray._private.internal_api import get_memory_info_reply
-
-        stats = get_memory_info_reply(state, timeout_seconds=5).store_stats
-        return int(stats.object_store_bytes_used), int(stats.object_store_bytes_avail)
+    def _store_bytes(self, address: str) -> int:
+        """Bytes in use in the object store, from Ray's public CLI (``ray memory --stats-only``)."""
+        ray_cli = Path(sys.executable).with_name("ray")
+        text = subprocess.run([str(ray_cli), "memory", "--stats-only", "--address", address], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+        match = re.search(r"Plasma memory usage (\d+) MiB", text)
+        if not match:
+            raise ValueError(f"no 'Plasma memory usage' in: {text[:200]!r}")
+        return int(match.group(1)) * MiB
 
     def run(self) -> None:
         import ray
-        from ray._private.internal_api import get_state_from_address
 
-        state = get_state_from_address(ray.get_runtime_context().gcs_address)
+        address = ray.get_runtime_context().gcs_address
+        self.store_capacity = int(ray.cluster_resources().get("object_store_memory", 0))
         last_store = 0.0
         while not self.stop_flag.is_set():
             rss = self.proc.memory_info().rss
             self.peak_rss = max(self.peak_rss, rss)
             self.timeline.append((time.monotonic() - self.t0, rss))
-            if time.monotonic() - last_store >= 0.5:
+            if time.monotonic() - last_store >= 5.0:
                 last_store = time.monotonic()
                 try:
-                    used, avail = self._store_bytes(state)
-                    self.peak_store = max(self.peak_store, used)
-                    self.store_capacity = avail
+                    self.peak_store = max(self.peak_store, self._store_bytes(address))
                 except Exception as exc:  # a probe must never break the run it measures
                     self.store_error = f"{type(exc).__name__}: {exc}"[:200]
             self.samples += 1
@@ -168,34 +170,6 @@ def folder_size(path: Path) -> tuple[int, int]:
             total += os.path.getsize(os.path.join(dirpath, name))
             files += 1
     return total, files
-
-
-def capture(module, name: str, sink: dict):
-    """Wrap ``module.name`` so its return value is kept in ``sink[name]`` (the driver looks the stage
-    functions up at call time, so ``run`` goes through the wrapper unchanged)."""
-    original = getattr(module, name)
-
-    def wrapper(*args, **kwargs):
-        sink[f"{name}_called_at"] = time.time()
-        result = original(*args, **kwargs)
-        sink[name] = result
-        return result
-
-    setattr(module, name, wrapper)
-
-
-def plan_as_barrier(module, sink: dict):
-    """Replace the driver's ``submit_plans`` with stage 2 as a barrier: every class's plan first
-    (``plan_stage``), timed, then no plan refs, so ``sample_stage`` starts with every class planned."""
-    from pipeline.distill.plan import plan_stage
-
-    def submit(cfg, classes, out):
-        start = time.perf_counter()
-        sink["plans"] = plan_stage(cfg, classes, out)
-        sink["plan_barrier_s"] = time.perf_counter() - start
-        return {}
-
-    module.submit_plans = submit
 
 
 def share_latents(src: Path, dst: Path) -> bool:
@@ -249,7 +223,7 @@ def one_size(classes: int, args, variant: str = "overlap") -> dict:
 
     from pipeline.common.outputs import OutputDir
     from pipeline.config import build_config, validate
-    from pipeline.distill import run as distill
+    from pipeline.distill.run import run_stages
     from pipeline.inputs.sources import list_source
     from pipeline.models.refs import prior_info
 
@@ -278,42 +252,29 @@ def one_size(classes: int, args, variant: str = "overlap") -> dict:
     if own_ray:
         ray.init(address="local", num_cpus=args.cpus, num_gpus=args.gpus, object_store_memory=args.store_mib * MiB,
                  include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    stages: dict = {}
-    original = {name: getattr(distill, name) for name in ("sample_stage", "submit_plans")}
-    capture(distill, "sample_stage", stages)
-    if variant == "barrier":
-        plan_as_barrier(distill, stages)
     import psutil
 
     rss_before = psutil.Process().memory_info().rss  # after listing and Ray's start, before the run
     peaks = PeakSampler()
     peaks.start()
     try:
-        record = distill.run(cfg, listing, overwrite=True)
+        stages = run_stages(cfg, listing, overwrite=True, plan_barrier=variant == "barrier")
     finally:
         peaks.stop()
-        for name, fn in original.items():  # in-process (--smoke) runs both variants in one process
-            setattr(distill, name, fn)
+    record = stages.record
     slots = int(ray.cluster_resources().get("CPU", 1))
     if own_ray:
         ray.shutdown()
 
     out = OutputDir(cfg.out)
     tm = record["timings_s"]
-    stage = stages["sample_stage"]
-    plans = stage["plans"] or stages.get("plans", [])
-    units = stage["units"]
-    st = stage["timings"]
-    if variant == "barrier":
-        # sample_stage saw no plan refs: its span is sampling alone; stage 2 ran before it, timed here
-        plan_s, overlap_s = stages["plan_barrier_s"], 0.0
-        plan_and_sample = plan_s + st["plan_and_sample"]
-    else:
-        plan_s, overlap_s, plan_and_sample = st["plan"], st["plan_sample_overlap"], st["plan_and_sample"]
+    plans, units = stages.plans, stages.units
+    st = tm  # with plan_barrier, "plan" is the barrier's span and the overlap is 0
+    plan_s, overlap_s, plan_and_sample = st["plan"], st["plan_sample_overlap"], st["plan_and_sample"]
     # When units really ran (their own clocks: ended_at - seconds), against the end of stage 2: what the
     # overlap bought is the unit work done while plans were still running.
-    called = stages["sample_stage_called_at"]
-    plans_done_at = called + (st["plan"] if variant == "overlap" else 0.0)
+    called = stages.sample_called_at
+    plans_done_at = called + st["plan"]
     unit_starts = [r["ended_at"] - r["seconds"] - called for r in units]
     before_plans_done = sum(min(r["seconds"], max(0.0, plans_done_at - (r["ended_at"] - r["seconds"])))
                             for r in units)

@@ -20,13 +20,13 @@ from pathlib import Path
 
 # bench/ holds ops.py and sampler.py: drop it from the path so `ops` and `pipeline` are the packages
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from conftest import save_tiny_prior  # noqa: E402
 
 from pipeline.common.outputs import OutputDir  # noqa: E402
+from pipeline.common.synthetic import save_tiny_prior  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
 from pipeline.distill.plan import plan_class  # noqa: E402
 from pipeline.distill.sample import ClassSampler, make_units  # noqa: E402

@@ -23,6 +23,11 @@ from pathlib import Path
 
 import yaml
 
+from ops.backend import BACKENDS
+from ops.guidance import GUIDANCE_MODES, SIGMA_MODES
+from ops.pca import ROUTES
+from ops.selection import CENTROIDS, METHODS
+from ops.tangent import SCHEDULES
 from pipeline.common.errors import ConfigError
 from pipeline.inputs.datasets import builtin_names as builtin_dataset_names
 from pipeline.models.loading import DEFAULT_MODEL, DEFAULT_VAE, looks_like_path
@@ -30,6 +35,30 @@ from pipeline.models.refs import model_fingerprint
 
 __all__ = ["ConfigError"]  # re-exported: callers catch it from here
 
+# The allowed values of every enumerated field, in one place: ``validate``, the sampler's own settings
+# (pipeline/models/sampler.py), the command line's help and the docs read them from here. Values the
+# numerics implement are defined next to them, in ops/.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "cluster.method": METHODS,
+    "cluster.centroid": CENTROIDS,
+    "cluster.backend": BACKENDS,
+    "tangent.neighbourhood": ("radius", "knn", "node"),
+    "tangent.schedule": SCHEDULES,
+    "tangent.route": ROUTES,
+    "sampler.sampler": ("ddpm", "ddim"),
+    "sampler.cfg_channels": ("dit", "all"),
+    "sampler.guidance": GUIDANCE_MODES,
+    "sampler.sigma": SIGMA_MODES,
+    "sampler.units": ("cross_class", "per_class"),
+    "health.policy": ("keep", "regenerate"),
+    "runtime.device": ("auto", "cuda", "cpu"),
+}
+
+
+def choices_text(name: str) -> str:
+    """``a | b | c``: a field's allowed values, for help lines."""
+    return " | ".join(CHOICES[name])
 
 
 # (section, field) -> the default that reproduces the bytes made before the field existed: omitted from the
@@ -96,9 +125,9 @@ class SamplerSection:
     train_steps: int = 1000
     cfg_scale: float = 4.0
     cfg_channels: str = "dit"   # dit: first 3 latent channels, as DiT | all: as diffusers' DiTPipeline
-    guidance: str = "manifold"  # none (DiT) | mode (MGD3) | manifold (ManifoldGD)
+    guidance: str = "manifold"  # none (DiT) | mode (MGD3) | manifold (ManifoldGD): CHOICES["sampler.guidance"]
     guidance_scale: float = 0.1  # lambda
-    t_stop: int = 25            # guided while the respaced step index t > t_stop
+    t_stop: int = 25            # guided while the respaced step index i > t_stop (i = num_steps-1 .. 0)
     normal_weight: float = 0.0
     # sigma_i of the guidance term lambda sigma_i g (ops/guidance.py:guidance_sigma): scalar (one number per
     # sample, the geometric mean of the step's std; keeps a manifold step in span(U)) | elementwise (the
@@ -123,7 +152,7 @@ class HealthConfig:
     # After sampling, each final latent's distance to its class's nearest real latent, over the class's own
     # median nearest-neighbour spacing (ops/health.py); above the threshold the sample is flagged.
     threshold: float = 4.0
-    policy: str = "regenerate"  # keep (record and report) | regenerate (next noise attempt, see docs/health.md)
+    policy: str = "regenerate"  # CHOICES["health.policy"]: keep (record, report) | regenerate (docs/health.md)
     max_attempts: int = 3       # regenerate: noise attempts per sample, the first one included
 
 
@@ -273,9 +302,16 @@ def build_config(*layers: dict) -> DistillConfig:
     return cfg
 
 
-def _choice(name, value, options):
-    if value not in options:
-        raise ConfigError(name, f"must be one of {', '.join(options)}; got {value!r}")
+def check_choices(obj, section: str = "") -> None:
+    """Raise ConfigError for the first enumerated field of ``obj`` (the whole config, or one ``section``
+    of it) whose value is not one of ``CHOICES``."""
+    for name, options in CHOICES.items():
+        sec, key = name.split(".")
+        if section and sec != section:
+            continue
+        value = getattr(obj if section else getattr(obj, sec), key)
+        if value not in options:
+            raise ConfigError(name, f"must be one of {', '.join(options)}; got {value!r}")
 
 
 def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
@@ -290,16 +326,19 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
         raise ConfigError("seed", f"must be >= 0, got {cfg.seed}")
     if not cfg.model.model:
         raise ConfigError("model.model", "is required")
-    _choice("model.dtype", cfg.model.dtype, ("auto", "float32", "bfloat16", "float16"))
-    _choice("cluster.method", cfg.cluster.method, ("divisive", "kmeans"))
-    _choice("cluster.centroid", cfg.cluster.centroid, ("mean", "medoid"))
-    _choice("cluster.backend", cfg.cluster.backend, ("auto", "numpy", "cupy", "cuml"))
+    check_choices(cfg)
     if cfg.cluster.branching < 1:
         raise ConfigError("cluster.branching", f"must be >= 1, got {cfg.cluster.branching}")
-    t = cfg.tangent
-    _choice("tangent.neighbourhood", t.neighbourhood, ("radius", "knn", "node"))
-    _choice("tangent.schedule", t.schedule, ("linear", "cosine", "exp"))
-    _choice("tangent.route", t.route, ("svd", "gram"))
+    _check_tangent(cfg.tangent)
+    _check_sampler(cfg.sampler)
+    _check_health(cfg.health)
+    if cfg.model.encode_batch <= 0:
+        raise ConfigError("model.encode_batch", f"must be positive, got {cfg.model.encode_batch}")
+    _check_runtime(cfg.runtime)
+    return absolute_paths(cfg)
+
+
+def _check_tangent(t: TangentConfig) -> None:
     if t.dim <= 0:
         raise ConfigError("tangent.dim", f"must be positive, got {t.dim}")
     if t.neighbours < 2:
@@ -314,12 +353,9 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
         raise ConfigError("tangent.warm_steps", f"must be >= 0, got {t.warm_steps}")
     if t.max_multiplier < 1.0:
         raise ConfigError("tangent.max_multiplier", f"must be >= 1, got {t.max_multiplier}")
-    s = cfg.sampler
-    _choice("sampler.sampler", s.sampler, ("ddpm", "ddim"))
-    _choice("sampler.cfg_channels", s.cfg_channels, ("dit", "all"))
-    _choice("sampler.guidance", s.guidance, ("none", "mode", "manifold"))
-    _choice("sampler.units", s.units, ("cross_class", "per_class"))
-    _choice("sampler.sigma", s.sigma, ("scalar", "elementwise"))
+
+
+def _check_sampler(s: SamplerSection) -> None:
     if s.num_steps <= 0 or s.num_steps > s.train_steps:
         raise ConfigError("sampler.num_steps", f"must be in [1, train_steps={s.train_steps}], got {s.num_steps}")
     if not 0 <= s.t_stop <= s.num_steps:
@@ -327,23 +363,23 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
     for name in ("cfg_scale", "guidance_scale", "normal_weight", "trust_region"):
         if getattr(s, name) < 0:
             raise ConfigError(f"sampler.{name}", f"must be >= 0, got {getattr(s, name)}")
-    h = cfg.health
-    _choice("health.policy", h.policy, ("keep", "regenerate"))
+    if s.max_batch <= 0:
+        raise ConfigError("sampler.max_batch", f"must be positive, got {s.max_batch}")
+
+
+def _check_health(h: HealthConfig) -> None:
     if not h.threshold > 0:
         raise ConfigError("health.threshold", f"must be > 0, got {h.threshold}")
     if h.max_attempts < 1:
         raise ConfigError("health.max_attempts", f"must be >= 1, got {h.max_attempts}")
-    r = cfg.runtime
-    if s.max_batch <= 0:
-        raise ConfigError("sampler.max_batch", f"must be positive, got {s.max_batch}")
-    if cfg.model.encode_batch <= 0:
-        raise ConfigError("model.encode_batch", f"must be positive, got {cfg.model.encode_batch}")
+
+
+def _check_runtime(r: RuntimeConfig) -> None:
     if r.encode_batch_size <= 0:
         raise ConfigError("runtime.encode_batch_size", f"must be positive, got {r.encode_batch_size}")
     for name in ("encode_actors", "sample_actors"):
         if getattr(r, name) < 0:
             raise ConfigError(f"runtime.{name}", f"must be >= 0, got {getattr(r, name)}")
-    _choice("runtime.device", r.device, ("auto", "cuda", "cpu"))
     if not r.gpus_per_sample_actor > 0:
         raise ConfigError("runtime.gpus_per_sample_actor", f"must be > 0, got {r.gpus_per_sample_actor}")
     if r.gpus_per_sample_actor > 1 and r.gpus_per_sample_actor != int(r.gpus_per_sample_actor):
@@ -355,7 +391,6 @@ def validate(cfg: DistillConfig, *, need_paths: bool = True) -> DistillConfig:
         raise ConfigError("runtime.max_unit_attempts", f"must be >= 1, got {r.max_unit_attempts}")
     if r.unit_timeout_s < 0:
         raise ConfigError("runtime.unit_timeout_s", f"must be >= 0, got {r.unit_timeout_s}")
-    return absolute_paths(cfg)
 
 
 def _absolute(path: str) -> str:

@@ -123,6 +123,7 @@ def test_copy_check_flags_training_digits_and_not_held_out_ones_in_both_spaces()
         copy_check(_real("val", 3, size=16)[0], refs, ex)
 
 
+@pytest.mark.slow
 def test_prior_quality_reports_copies_in_its_json(tmp_path, monkeypatch):
     import json
 

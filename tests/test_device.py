@@ -173,18 +173,17 @@ def test_logical_gpu_run_records_devices_per_stage_and_cuda_fails_with_one_line(
 @pytest.mark.slow
 def test_cuda_plan_tasks_and_sampling_actors_fail_on_a_gpu_they_cannot_use(tmp_path):
     import ray
-    from conftest import save_tiny_prior
-    from test_units import _stage_setup
+    from conftest import save_tiny_prior, stage_setup
 
     from pipeline.distill.plan import submit_plans
-    from pipeline.distill.sample import sample_stage
+    from pipeline.distill.schedule import sample_stage
 
     ray.shutdown()
     ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False,
              object_store_memory=200 * 1024 * 1024, logging_level="ERROR", log_to_driver=False)
     try:
         prior = save_tiny_prior(tmp_path / "prior", num_classes=4)
-        cfg, out = _stage_setup(tmp_path / "run", prior, ["a", "b"], ipc=2, max_batch=2)
+        cfg, out = stage_setup(tmp_path / "run", prior, ["a", "b"], ipc=2, max_batch=2)
         cfg.runtime.device = "cuda"
         with pytest.raises(DeviceUnavailableError) as err:
             sample_stage(cfg, ["a", "b"], {"a": 0, "b": 1}, out)

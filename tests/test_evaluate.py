@@ -233,16 +233,15 @@ def test_parse_methods_and_variants():
 def test_benchmark_distill_config_is_what_the_distill_command_line_resolves(tmp_path):
     """The benchmark builds each run's config directly (no argv): it must be the config, and so the hash,
     folder and bytes, of `manifoldgd distill` with the same flags, for the shipped prior and for a hub id."""
-    import argparse
-
     from pipeline.cli import build_parser
     from pipeline.distill.run import resolve_config
     from pipeline.eval.benchmark import distill_config
+    from pipeline.eval.benchmark_options import BenchmarkOptions
     from pipeline.eval.methods import METHODS, parse_variants
 
     table = {**METHODS, **parse_variants(["lam03=manifold:sampler.guidance_scale=0.3"])}
     for data, model, vae in (("mnist10k", None, None), (str(tmp_path / "folder"), "facebook/DiT-XL-2-256", "")):
-        args = argparse.Namespace(data=data, model=model, vae=vae, set=["sampler.num_steps=3", "tangent.dim=16"])
+        args = BenchmarkOptions(data=data, model=model, vae=vae, set=("sampler.num_steps=3", "tangent.dim=16"))
         for name in ("dit", "mgd3", "divisive", "manifold", "manifoldgd", "lam03"):
             m, out = table[name], tmp_path / name
             argv = ["distill", "--data", data, "--out", str(out), "--ipc", "10", "--seed", "2",
@@ -507,3 +506,36 @@ def test_load_test_builtin_split_suffix_selects_val_test_or_heldout():
     assert np.abs(np.bincount(val_y, minlength=10) - np.bincount(test_y, minlength=10)).max() <= 1
     with pytest.raises(ValueError, match="split"):
         load_test("mnist10k:dev", classes, 32)
+
+
+def test_benchmark_options_come_from_the_parsed_command_line_and_reproduce_it():
+    """Every option of the `benchmark` parser is a field of BenchmarkOptions (and nothing else is), and the
+    recorded command line parses back to the same options."""
+    import dataclasses
+    import shlex
+
+    from pipeline.cli import build_parser
+    from pipeline.eval.benchmark_options import BenchmarkOptions
+
+    argv = ["benchmark", "--data", "mnist10k", "--ipc", "1,10", "--seeds", "0,3-4", "--profile", "fast",
+            "--set", "sampler.num_steps=3", "--variant", "lam03=manifoldgd:sampler.guidance_scale=0.3",
+            "--student", "width=32", "--no-copies"]
+    args = build_parser(["benchmark"]).parse_args(argv)
+    opts = BenchmarkOptions.from_namespace(args)
+    parser_fields = set(vars(args)) - {"func", "command", "verbose"}
+    assert parser_fields == {f.name for f in dataclasses.fields(BenchmarkOptions)}
+    assert opts.set == ("sampler.num_steps=3",) and opts.seeds == "0,3-4" and not opts.copies
+    again = build_parser(["benchmark"]).parse_args(shlex.split(opts.command_line().removeprefix("manifoldgd ")))
+    reparsed = BenchmarkOptions.from_namespace(again)
+    assert dataclasses.replace(reparsed, copies=False) == opts  # --no-copies is not a recorded setting
+
+
+def test_tune_options_are_typed_and_make_the_benchmark_command():
+    from pipeline.eval import tune
+
+    opts = tune.parse_options(["run", "--budget", "3", "--seeds", "10-11", "--into", "a.md"])
+    assert isinstance(opts, tune.TuneOptions) and opts.budget == 3 and opts.into == ("a.md",)
+    assert opts.protocol() == {**tune.DEFAULTS, "budget": 3, "seeds": "10-11"}
+    argv = tune.benchmark_argv(opts)
+    assert argv[argv.index("--seeds") + 1] == "10-11" and argv[argv.index("--test") + 1] == tune.DEFAULTS["test"]
+    assert sum(a == "--variant" for a in argv) == len(tune.variants(3, 0))

@@ -30,30 +30,43 @@ def dataset(tmp_path_factory):
     return write_image_folder(tmp_path_factory.mktemp("faults"), {c: 4 for c in "abcd"})
 
 
+# The interrupted run: the distill command with a sampling actor whose second unit hangs (conftest's
+# faulty_sampler); it leaves a marker when that unit starts, the event the test waits for.
+HANGING_RUN = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from conftest import faulty_sampler
+from pipeline.cli import build_parser
+from pipeline.distill.run import distill_command, resolve_config
+args = build_parser(["distill"]).parse_args(sys.argv[3:])
+sys.exit(distill_command(lambda: resolve_config(args), actor_cls=faulty_sampler(sys.argv[2], hang_units=[1])))
+"""
+
+
 def test_sigterm_then_rerun_is_byte_identical(dataset, tiny_prior, tmp_path, ray_session):
-    clean, interrupted = tmp_path / "clean", tmp_path / "interrupted"
-    assert main(_args(dataset, clean, tiny_prior, steps=40)) == 0
+    clean, interrupted, markers = tmp_path / "clean", tmp_path / "interrupted", tmp_path / "markers"
+    assert main(_args(dataset, clean, tiny_prior)) == 0
+    markers.mkdir()
     env = dict(os.environ, RAY_ADDRESS="local", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "pipeline", *_args(dataset, interrupted, tiny_prior, steps=40),
-           "--set", "runtime.sample_actors=1"]
+    cmd = [sys.executable, "-c", HANGING_RUN, str(Path(__file__).parent), str(markers),
+           *_args(dataset, interrupted, tiny_prior), "--set", "runtime.sample_actors=1"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if list((interrupted / "train").glob("*/_SUCCESS")) if (interrupted / "train").exists() else []:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.02)
-    output, _ = proc.communicate(timeout=120)
+    # Units (IPC 2, max_batch 3): a0 a1 b0 | b1 c0 c1 | d0 d1, on one actor in order. When the second one
+    # starts (and hangs), the first has been taken in: class a is finalized, b to d are not.
+    while proc.poll() is None and not list(markers.glob("hang-u000001-*")):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[0][-2000:]
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, output[-2000:]
     assert "rerun the same command" in output
-    done = list((interrupted / "train").glob("*/_SUCCESS"))
-    assert 1 <= len(done) < 4, "the interruption should land between the first and the last class"
+    assert sorted(p.parent.name for p in (interrupted / "train").glob("*/_SUCCESS")) == ["a"]
     leftovers = [p for p in (interrupted / "train").rglob("*") if p.name.endswith(".tmp")]
     assert not leftovers
     for png in (interrupted / "train").rglob("*.png"):
         with Image.open(png) as im:
             im.load()  # every PNG present is complete
-    assert main(_args(dataset, interrupted, tiny_prior, steps=40)) == 0
+    assert main(_args(dataset, interrupted, tiny_prior)) == 0
     assert _tree(interrupted) == _tree(clean)
 
 

@@ -173,7 +173,6 @@ def test_elementwise_uses_the_steps_own_std_and_moves_the_latents(tiny):
 
 def test_config_field_is_validated_hashed_and_reaches_the_sampler():
     from pipeline.config import DistillConfig, build_config, validate
-    from pipeline.distill.sample import sampler_config
     from pipeline.models.sampler import SamplerConfig
 
     with pytest.raises(ConfigError, match="sampler.sigma"):
@@ -183,7 +182,8 @@ def test_config_field_is_validated_hashed_and_reaches_the_sampler():
     element = validate(build_config({"sampler": {"sigma": "elementwise"}}), need_paths=False)
     assert element.hashed_dict()["sampler"]["sigma"] == "elementwise"
     assert element.config_hash() != DistillConfig().config_hash()
-    assert sampler_config(element).sigma == "elementwise" and sampler_config(DistillConfig()).sigma == "scalar"
+    assert SamplerConfig.from_config(element).sigma == "elementwise"
+    assert SamplerConfig.from_config(DistillConfig()).sigma == "scalar"
     # The default reproduces the bytes made before the field existed, so it keeps their hash: it is left
     # out of the hashed dict, and an explicit "scalar" is the same config.
     assert "sigma" not in DistillConfig().hashed_dict()["sampler"]

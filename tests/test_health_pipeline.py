@@ -11,7 +11,7 @@ import torch
 from pipeline.common.images import MARK_RGB, contact_sheet, folder_contact_sheet, png_bytes
 from pipeline.config import ConfigError, DistillConfig, build_config, validate
 from pipeline.distill.health import HEALTH_COLUMNS, HealthCheck, health_summary
-from pipeline.models.sampler import _NoiseStreams, sample_seed
+from pipeline.models.noise import NoiseStreams, sample_seed
 
 RNG = np.random.default_rng(0)
 REAL = RNG.uniform(-1, 1, size=(300, 2)) @ np.linalg.qr(RNG.normal(size=(8, 2)))[0].T
@@ -85,13 +85,13 @@ def test_attempt_zero_is_the_old_noise_and_attempts_differ():
     old = int.from_bytes(hashlib.blake2b(b"manifoldgd/noise/3/1/2", digest_size=8).digest(), "little") & (2**63 - 1)
     assert sample_seed(3, 1, 2) == old == sample_seed(3, 1, 2, 0)
     assert len({sample_seed(3, 1, 2, a) for a in range(4)}) == 4
-    base = _NoiseStreams(3, [1, 1], [2, 5], (1, 2, 2)).draw()
-    same = _NoiseStreams(3, [1, 1], [2, 5], (1, 2, 2), [0, 0]).draw()
-    other = _NoiseStreams(3, [1, 1], [2, 5], (1, 2, 2), [1, 0]).draw()
+    base = NoiseStreams(3, [1, 1], [2, 5], (1, 2, 2)).draw()
+    same = NoiseStreams(3, [1, 1], [2, 5], (1, 2, 2), [0, 0]).draw()
+    other = NoiseStreams(3, [1, 1], [2, 5], (1, 2, 2), [1, 0]).draw()
     assert torch.equal(base, same)
     assert not torch.equal(base[0], other[0]) and torch.equal(base[1], other[1])
     # A row's attempt noise is the same whatever the other rows of its batch are.
-    alone = _NoiseStreams(3, [1], [2], (1, 2, 2), [1]).draw()
+    alone = NoiseStreams(3, [1], [2], (1, 2, 2), [1]).draw()
     assert torch.equal(alone[0], other[0])
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import write_image_folder
 
 from pipeline.config import DEFAULT_VAE
@@ -26,6 +27,7 @@ def test_a_model_folder_with_a_vae_brings_it(tmp_path, tiny_prior):
     assert resolve_distill_config(data="x", model="facebook/DiT-XL-2-256").model.vae == DEFAULT_VAE
 
 
+@pytest.mark.slow
 def test_an_unreachable_hub_fails_with_the_staging_help_without_retrying(tmp_path):
     """No HF_HUB_OFFLINE, an endpoint whose name does not resolve (as on a machine without network), an empty
     cache: exit 2 at the first look-up, in the local cache only, naming the model and how to stage it."""

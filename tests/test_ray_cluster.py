@@ -74,19 +74,18 @@ def test_ray_job_submit(tmp_path, tiny_prior):
     assert run["counts"]["images"] == 4
 
 
-def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path, monkeypatch):
+def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path):
     import ray
-    from conftest import save_tiny_prior
+    from conftest import faulty_sampler, save_tiny_prior
     from ray.cluster_utils import Cluster
 
-    from pipeline.cli import main
-    from pipeline.distill.sample import FAULTS_ENV
+    from pipeline.cli import build_parser
+    from pipeline.distill.run import distill_command, resolve_config
 
     ray.shutdown()
     # Units of a tiny model take a fraction of a second: the first actor to load its model could run
-    # them all before the others are up. A test-only pause per unit (pipeline/distill/sample.py) lets the
-    # others join, so the clean run uses several nodes and the lost one held work.
-    monkeypatch.setenv(FAULTS_ENV, '{"delay_s": 1.5}')
+    # them all before the others are up. A test-only actor (conftest.faulty_sampler) holds every unit until
+    # two actors have taken one, so the clean run uses several nodes and the lost one held work.
     tiny_prior = save_tiny_prior(tmp_path / "prior", num_classes=6)
     data = write_image_folder(tmp_path / "data", {c: 4 for c in "abcdef"})
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
@@ -109,7 +108,10 @@ def test_multi_node_with_a_lost_worker_is_byte_identical(tmp_path, monkeypatch):
         if kill_after_first_class:
             thread.start()
         try:
-            assert main(_distill_args(data, out, tiny_prior)) == 0
+            args = build_parser(["distill"]).parse_args(_distill_args(data, out, tiny_prior))
+            (tmp_path / f"{out.name}-actors").mkdir()
+            spread = faulty_sampler(tmp_path / f"{out.name}-actors", spread_over=2)
+            assert distill_command(lambda: resolve_config(args), actor_cls=spread) == 0
         finally:
             stop.set()
             ray.shutdown()

@@ -6,10 +6,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from conftest import save_tiny_prior
-from test_units import _stage_setup, _tree
+from conftest import output_tree, save_tiny_prior, stage_setup
 
-from pipeline.distill.sample import actor_plan, sample_stage
+from pipeline.distill.schedule import actor_plan, sample_stage
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -25,7 +24,7 @@ def test_sampling_actors_request_and_get_the_gpu_resource(tmp_path):
         classes, labels = list("ab"), {"a": 0, "b": 1}
         trees = {}
         for device, share in (("auto", 0.5), ("cpu", 1.0)):
-            cfg, out = _stage_setup(tmp_path / device, prior, classes, ipc=2, max_batch=1)
+            cfg, out = stage_setup(tmp_path / device, prior, classes, ipc=2, max_batch=1)
             cfg.runtime.device, cfg.runtime.gpus_per_sample_actor = device, share
             options, _, dev, n = actor_plan(cfg)
             if device == "auto":  # the cluster has a GPU now
@@ -38,7 +37,7 @@ def test_sampling_actors_request_and_get_the_gpu_resource(tmp_path):
             assert {r["device"] for r in res["units"]} == {"cpu"}  # no CUDA here: the work falls back
             workers = [r["worker"] for r in res["units"]]
             assert all(w["device"] == "cpu" and bool(w["fallback"]) == (device == "auto") for w in workers), workers
-            trees[device] = _tree(out)
+            trees[device] = output_tree(out)
         assert trees["auto"] == trees["cpu"]  # where it ran changes no byte
         cfg.runtime.device = "cuda"
         assert actor_plan(cfg)[2] == "cuda"
@@ -47,7 +46,7 @@ def test_sampling_actors_request_and_get_the_gpu_resource(tmp_path):
 
 
 def test_sampling_actors_leave_a_gpu_share_to_the_plan_tasks():
-    from pipeline.distill.sample import actor_limit
+    from pipeline.distill.schedule import actor_limit
 
     cpu, gpu = {"num_cpus": 1}, {"num_gpus": 1.0, "num_cpus": 1}
     assert actor_limit(4, cpu, True, cpus=2, gpus=0, plan_gpus=0) == 1      # a CPU left to the plans
@@ -76,7 +75,7 @@ def test_overlapped_stages_finish_when_plan_tasks_and_actors_share_one_gpu(tmp_p
     try:
         prior = save_tiny_prior(tmp_path / "prior", num_classes=4)
         classes, labels = list("abc"), {"a": 0, "b": 1, "c": 2}
-        cfg, out = _stage_setup(tmp_path / "gpu", prior, classes, ipc=2, max_batch=2)  # units: a | b | c
+        cfg, out = stage_setup(tmp_path / "gpu", prior, classes, ipc=2, max_batch=2)  # units: a | b | c
         cfg.runtime.device = "auto"
         plans = submit_plans(cfg, ["a", "b"], out)  # 0.25 GPU each (the cluster has a GPU)
 
@@ -102,9 +101,9 @@ def test_overlapped_stages_finish_when_plan_tasks_and_actors_share_one_gpu(tmp_p
         assert not worker.is_alive(), "stage 3 is stuck: sampling actors hold the GPU the last plan task needs"
         assert {r["class_name"] for r in box["res"]["plans"]} == set(classes)
         assert all(out.is_class_done(c) for c in classes)
-        cfg_cpu, out_cpu = _stage_setup(tmp_path / "cpu", prior, classes, ipc=2, max_batch=2)
+        cfg_cpu, out_cpu = stage_setup(tmp_path / "cpu", prior, classes, ipc=2, max_batch=2)
         cfg_cpu.runtime.device = "cpu"
         sample_stage(cfg_cpu, classes, labels, out_cpu)
-        assert _tree(out) == _tree(out_cpu)
+        assert output_tree(out) == output_tree(out_cpu)
     finally:
         ray.shutdown()

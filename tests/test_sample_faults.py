@@ -2,32 +2,23 @@
 restarted or replaced, a node that joins mid-run used; the bytes always those of a clean run."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import pytest
-from conftest import save_tiny_prior
-from test_units import _stage_setup, _tree
+from conftest import faulty_sampler, output_tree, save_tiny_prior, stage_setup
 
 from pipeline.common.outputs import OutputDir
 from pipeline.config import build_config
-from pipeline.distill.sample import (
-    FAULTS_ENV,
-    ClassSampler,
-    UnitFailedError,
-    finalize_class,
-    make_units,
-    sample_stage,
-    unit_part,
-)
+from pipeline.distill.sample import ClassSampler, finalize_class, make_units, unit_part
+from pipeline.distill.schedule import UnitFailedError, sample_stage
 
 CLASSES = list("abc")
 LABELS = {c: i for i, c in enumerate(CLASSES)}
 IPC, MAX_BATCH = 2, 3  # units: a0 a1 b0 | b1 c0 c1
 
 
-def reference_tree(cfg, classes, labels) -> dict:
+def referenceoutput_tree(cfg, classes, labels) -> dict:
     """The same units run in this process, without Ray: what every run must reproduce byte for byte."""
     sampler = ClassSampler(cfg.to_dict())
     units = make_units(classes, labels, cfg.ipc, cfg.sampler.max_batch, cfg.sampler.units)
@@ -36,7 +27,7 @@ def reference_tree(cfg, classes, labels) -> dict:
     out = OutputDir(cfg.out)
     for c in classes:
         finalize_class(out, c, [u.uid for u in units if c in u.classes], cfg.ipc)
-    return _tree(out)
+    return output_tree(out)
 
 
 @pytest.fixture(scope="module")
@@ -46,40 +37,40 @@ def prior(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory, prior):
-    cfg, _ = _stage_setup(tmp_path_factory.mktemp("ref"), prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
-    return reference_tree(cfg, CLASSES, LABELS)
+    cfg, _ = stage_setup(tmp_path_factory.mktemp("ref"), prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+    return referenceoutput_tree(cfg, CLASSES, LABELS)
 
 
-def _faults(monkeypatch, tmp_path, **spec):
+def _faults(tmp_path, **spec) -> type:
     (tmp_path / "markers").mkdir()
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"dir": str(tmp_path / "markers"), **spec}))
+    return faulty_sampler(tmp_path / "markers", **spec)
 
 
-def test_an_error_once_per_class_is_retried_and_changes_no_byte(tmp_path, prior, clean, ray_session, monkeypatch):
-    _faults(monkeypatch, tmp_path, raise_once_per_class=True)
-    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
-    res = sample_stage(cfg, CLASSES, LABELS, out)
+def test_an_error_once_per_class_is_retried_and_changes_no_byte(tmp_path, prior, clean, ray_session):
+    faulty = _faults(tmp_path, raise_once_per_class=True)
+    cfg, out = stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+    res = sample_stage(cfg, CLASSES, LABELS, out, actor_cls=faulty)
     assert sorted((tmp_path / "markers").iterdir()) == [tmp_path / "markers" / f"raise-{c}" for c in CLASSES]
     assert len(res["units"]) == 2
-    assert _tree(out) == clean
+    assert output_tree(out) == clean
 
 
-def test_an_actor_killed_twice_mid_run_changes_no_byte(tmp_path, prior, clean, ray_session, monkeypatch):
-    _faults(monkeypatch, tmp_path, exit_units=[0, 1])  # os._exit in the actor, on each unit's first try
-    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
-    res = sample_stage(cfg, CLASSES, LABELS, out)
+def test_an_actor_killed_twice_mid_run_changes_no_byte(tmp_path, prior, clean, ray_session):
+    faulty = _faults(tmp_path, exit_units=[0, 1])  # os._exit in the actor, on each unit's first try
+    cfg, out = stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+    res = sample_stage(cfg, CLASSES, LABELS, out, actor_cls=faulty)
     assert len(list((tmp_path / "markers").glob("exit-*"))) == 2
     assert len(res["units"]) == 2
-    assert _tree(out) == clean
+    assert output_tree(out) == clean
 
 
-def test_a_unit_that_keeps_failing_ends_the_run_with_one_clear_error(tmp_path, prior, ray_session, monkeypatch):
-    _faults(monkeypatch, tmp_path, raise_always=True)
-    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+def test_a_unit_that_keeps_failing_ends_the_run_with_one_clear_error(tmp_path, prior, ray_session):
+    faulty = _faults(tmp_path, raise_always=True)
+    cfg, out = stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
     cfg.runtime.max_unit_attempts = 2
     cfg.runtime.sample_actors = 1
     with pytest.raises(UnitFailedError) as err:
-        sample_stage(cfg, CLASSES, LABELS, out)
+        sample_stage(cfg, CLASSES, LABELS, out, actor_cls=faulty)
     msg = str(err.value)
     first = make_units(CLASSES, LABELS, IPC, MAX_BATCH)[0]
     assert f"unit {first.uid}" in msg and "classes a, b" in msg and "failed 2 time(s)" in msg
@@ -87,24 +78,24 @@ def test_a_unit_that_keeps_failing_ends_the_run_with_one_clear_error(tmp_path, p
     assert not unit_part(out, first.uid).exists() and not any(out.train.glob("*/_SUCCESS"))
 
 
-def test_an_actor_killed_for_good_is_replaced_and_changes_no_byte(tmp_path, prior, clean, ray_session, monkeypatch):
-    _faults(monkeypatch, tmp_path, kill_units=[1])  # ray.kill(no_restart=True) of the actor running unit 1
-    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+def test_an_actor_killed_for_good_is_replaced_and_changes_no_byte(tmp_path, prior, clean, ray_session):
+    faulty = _faults(tmp_path, kill_units=[1])  # ray.kill(no_restart=True) of the actor running unit 1
+    cfg, out = stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
     cfg.runtime.sample_actors = 1  # no other actor to fall back on: the run ends only if one replaces it
-    res = sample_stage(cfg, CLASSES, LABELS, out)
+    res = sample_stage(cfg, CLASSES, LABELS, out, actor_cls=faulty)
     assert len(list((tmp_path / "markers").glob("kill-*"))) == 1
     by_unit = {r["uid"][:7]: r["actor_id"] for r in res["units"]}
     assert len(by_unit) == 2 and by_unit["u000000"] != by_unit["u000001"]  # a new actor, not a restart
-    assert _tree(out) == clean
+    assert output_tree(out) == clean
 
 
-def test_a_unit_over_the_timeout_is_retried_on_its_restarted_actor(tmp_path, prior, clean, ray_session, monkeypatch,
+def test_a_unit_over_the_timeout_is_retried_on_its_restarted_actor(tmp_path, prior, clean, ray_session,
                                                                     capsys):
-    _faults(monkeypatch, tmp_path, hang_units=[1], hang_s=600)  # unit 1's first try never ends by itself
-    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+    faulty = _faults(tmp_path, hang_units=[1], hang_s=600)  # unit 1's first try never ends by itself
+    cfg, out = stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
     cfg.runtime.sample_actors, cfg.runtime.unit_timeout_s = 1, 5.0
     start = time.monotonic()
-    res = sample_stage(cfg, CLASSES, LABELS, out)
+    res = sample_stage(cfg, CLASSES, LABELS, out, actor_cls=faulty)
     assert time.monotonic() - start < 120
     assert len(list((tmp_path / "markers").glob("hang-*"))) == 1
     by_unit = {r["uid"][:7]: r["actor_id"] for r in res["units"]}
@@ -113,16 +104,16 @@ def test_a_unit_over_the_timeout_is_retried_on_its_restarted_actor(tmp_path, pri
     log = capsys.readouterr().out
     assert f"unit {second.uid} (3 samples; classes b, c) ran over runtime.unit_timeout_s=5s" in log
     assert f"unit {second.uid} (3 samples; classes b, c) failed (attempt 1/3): ran over runtime.unit_timeout_s=5s" in log
-    assert _tree(out) == clean
+    assert output_tree(out) == clean
 
 
-def test_a_unit_that_always_times_out_ends_the_run_with_one_clear_error(tmp_path, prior, ray_session, monkeypatch):
-    _faults(monkeypatch, tmp_path, delay_s=600)  # every unit, every try
-    cfg, out = _stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
+def test_a_unit_that_always_times_out_ends_the_run_with_one_clear_error(tmp_path, prior, ray_session):
+    faulty = _faults(tmp_path, delay_s=600)  # every unit, every try
+    cfg, out = stage_setup(tmp_path / "out", prior, CLASSES, ipc=IPC, max_batch=MAX_BATCH)
     cfg.runtime.sample_actors, cfg.runtime.unit_timeout_s, cfg.runtime.max_unit_attempts = 1, 2.0, 2
     start = time.monotonic()
     with pytest.raises(UnitFailedError) as err:
-        sample_stage(cfg, CLASSES, LABELS, out)
+        sample_stage(cfg, CLASSES, LABELS, out, actor_cls=faulty)
     assert time.monotonic() - start < 120
     msg = str(err.value)
     first = make_units(CLASSES, LABELS, IPC, MAX_BATCH)[0]
@@ -149,7 +140,7 @@ def test_runtime_fields_are_not_hashed_and_are_checked():
 # ------------------------------------------------------------------------------------ a real cluster
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_a_node_lost_and_a_node_added_mid_run_is_used(tmp_path, monkeypatch):
+def test_a_node_lost_and_a_node_added_mid_run_is_used(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
@@ -157,10 +148,10 @@ def test_a_node_lost_and_a_node_added_mid_run_is_used(tmp_path, monkeypatch):
     prior = save_tiny_prior(tmp_path / "prior", num_classes=6)
     classes = list("abcdef")
     labels = {c: i for i, c in enumerate(classes)}
-    cfg, out = _stage_setup(tmp_path / "out", prior, classes, ipc=2, max_batch=1)  # 12 units
-    expected = reference_tree(*_stage_setup(tmp_path / "ref", prior, classes, ipc=2, max_batch=1)[:1],
+    cfg, out = stage_setup(tmp_path / "out", prior, classes, ipc=2, max_batch=1)  # 12 units
+    expected = referenceoutput_tree(*stage_setup(tmp_path / "ref", prior, classes, ipc=2, max_batch=1)[:1],
                               classes, labels)
-    _faults(monkeypatch, tmp_path, delay_s=2.0)  # slow units, so the new node joins while work is left
+    faulty = _faults(tmp_path, delay_s=2.0)  # slow units, so the new node joins while work is left
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     lost = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -169,7 +160,7 @@ def test_a_node_lost_and_a_node_added_mid_run_is_used(tmp_path, monkeypatch):
 
     def drive():  # the run in a thread: cluster_utils adds nodes from the main thread only
         try:
-            result["res"] = sample_stage(cfg, classes, labels, out)
+            result["res"] = sample_stage(cfg, classes, labels, out, actor_cls=faulty)
         except BaseException as exc:  # reported below
             result["error"] = exc
 
@@ -189,4 +180,4 @@ def test_a_node_lost_and_a_node_added_mid_run_is_used(tmp_path, monkeypatch):
     res = result["res"]
     used = {r["node_id"] for r in res["units"]}
     assert added.node_id in used, (used, added.node_id)
-    assert _tree(out) == expected
+    assert output_tree(out) == expected

@@ -1,86 +1,32 @@
 """pipeline/models/loading.py + pipeline/models/sampler.py on tiny random DiT / VAE models saved and loaded back."""
-import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from conftest import (
+    SAMPLER_LATENT,
+    as_denoiser,
+    random_bases,
+    random_centroids,
+    tiny_dit,
+    tiny_vae,
+)
+from conftest import save_sampler_prior as save_prior
+from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline
 
 from ops.schedule import linear_betas
 from pipeline.models.loading import PriorLoadError, load_prior
-from pipeline.models.sampler import GuidedSampler, SamplerConfig, denoise_step, sample_seed
+from pipeline.models.noise import sample_seed
+from pipeline.models.sampler import GuidedSampler, SamplerConfig, denoise_step
 
 ROOT = Path(__file__).resolve().parents[1]
-LATENT = 8  # latent side; the VAE below doubles it
-D = 4 * LATENT * LATENT
-
-
-def tiny_transformer(num_classes: int, learned_variance: bool, seed: int = 0) -> DiTTransformer2DModel:
-    torch.manual_seed(seed)
-    return DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4,
-        out_channels=8 if learned_variance else 4, num_layers=2, sample_size=LATENT, patch_size=2,
-        num_embeds_ada_norm=num_classes, norm_num_groups=4,
-    )
-
-
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, sample_size=2 * LATENT,
-    )
-
-
-def save_prior(folder: Path, num_classes: int, learned_variance: bool) -> Path:
-    tiny_transformer(num_classes, learned_variance).save_pretrained(folder / "transformer")
-    tiny_vae().save_pretrained(folder / "vae")
-    return folder
-
-
-class GaussianDataDenoiser(torch.nn.Module):
-    """A loaded tiny DiT made into a sensible denoiser, so that latents stay O(1) through sampling.
-
-    A random DiT is no denoiser: its x0_hat = x_t / sqrt(abar) at t = 999 is ~150x too large and the
-    chain ends at latents in the hundreds, where float32 cannot resolve 1e-5 and guidance overshoots.
-    This predicts the exact epsilon for N(0, I) data, sqrt(1 - abar_t) x_t, plus the DiT's output times
-    0.1 sqrt(abar_t) (a class- and time-dependent shift of x0_hat by 0.1 * sqrt(1 - abar_t) * DiT), and
-    squashes the variance channels into DiT's [-1, 1] learned range.
-    """
-
-    def __init__(self, dit, strength: float = 0.1):
-        super().__init__()
-        self.dit, self.config, self.strength = dit, dit.config, strength
-        abar = torch.tensor(np.cumprod(1 - linear_betas(1000)), dtype=torch.float32)
-        self.register_buffer("sqrt_abar", abar.sqrt())
-        self.register_buffer("sqrt_one_minus_abar", (1 - abar).sqrt())
-
-    @property
-    def dtype(self):
-        return self.dit.dtype
-
-    @property
-    def device(self):
-        return self.dit.device
-
-    def forward(self, hidden_states, timestep=None, class_labels=None, **kwargs):
-        out = self.dit(hidden_states, timestep=timestep, class_labels=class_labels).sample
-        c = hidden_states.shape[1]
-        a, b = (v[timestep].view(-1, 1, 1, 1) for v in (self.sqrt_abar, self.sqrt_one_minus_abar))
-        eps = b * hidden_states + self.strength * a * out[:, :c]
-        return types.SimpleNamespace(sample=torch.cat([eps, torch.tanh(out[:, c:])], dim=1))
-
-
-def as_denoiser(prior):
-    return dataclasses.replace(prior, transformer=GaussianDataDenoiser(prior.transformer))
+LATENT = SAMPLER_LATENT
 
 
 @pytest.fixture(scope="module")
@@ -110,18 +56,6 @@ def prior_1000_learned(tmp_path_factory):
     return as_denoiser(load_prior(str(save_prior(tmp_path_factory.mktemp("p1000l"), 1000, True)), vae=None))
 
 
-def random_bases(n, d, seed=0, steps=None):
-    g = torch.Generator().manual_seed(seed)
-    shape = (n, D, d) if steps is None else (n, steps, D, d)
-    q, _ = torch.linalg.qr(torch.randn(shape, generator=g))
-    return q
-
-
-def random_centroids(n, seed=1):
-    return torch.randn((n, D), generator=torch.Generator().manual_seed(seed))
-
-
-# ---------------------------------------------------------------- loading
 def test_sizes_come_from_the_configs(prior):
     assert prior.latent_shape == (4, LATENT, LATENT)
     assert prior.image_size == 2 * LATENT
@@ -131,8 +65,8 @@ def test_sizes_come_from_the_configs(prior):
 
 
 def test_separate_vae_folder_and_fixed_variance(tmp_path):
-    tiny_transformer(7, learned_variance=False).save_pretrained(tmp_path / "m" / "transformer")
-    tiny_vae().save_pretrained(tmp_path / "vae")  # a VAE repo keeps its weights at the root
+    tiny_dit(7, latent_size=LATENT, learned_variance=False, layers=2).save_pretrained(tmp_path / "m" / "transformer")
+    tiny_vae(latent_size=LATENT, blocks=2).save_pretrained(tmp_path / "vae")  # a VAE repo keeps its weights at the root
     p = load_prior(str(tmp_path / "m"), vae=str(tmp_path / "vae"))
     assert not p.learned_variance and p.null_class_id == 7 and p.vae_id == str(tmp_path / "vae")
 
@@ -167,6 +101,7 @@ def test_folder_without_weights_is_one_error(tmp_path):
     assert "DiTTransformer2DModel" in msg and "AutoencoderKL" in msg  # both failures in one message
 
 
+@pytest.mark.slow
 def test_hub_id_offline_fails_with_staging_help(tmp_path):
     # A fresh interpreter so huggingface_hub reads HF_HUB_OFFLINE / HF_HOME at import, as on a cluster.
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT))

@@ -276,6 +276,7 @@ def test_shipped_prior_is_small_loads_and_samples_digits():
     assert np.median(images) < 40 and images.max() > 200
 
 
+@pytest.mark.slow
 def test_quality_classifier_learns_real_digits_quickly():
     from pipeline.common.images import crop_images
     from pipeline.eval.prior_quality import classify, train_classifier

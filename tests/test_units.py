@@ -2,20 +2,18 @@
 stage driver's rerun / resume at unit granularity."""
 from __future__ import annotations
 
-import io
 import os
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_prior
-from test_sampler import D, as_denoiser, random_centroids, save_prior
+from conftest import D, as_denoiser, output_tree, random_centroids, save_tiny_prior, stage_setup
+from conftest import save_sampler_prior as save_prior
 
-from pipeline.common.outputs import OutputDir
-from pipeline.config import build_config
-from pipeline.distill.plan import expand_bases, plan_class
-from pipeline.distill.sample import make_units, sample_stage, unit_part
+from pipeline.distill.plan import expand_bases
+from pipeline.distill.sample import make_units, unit_part
+from pipeline.distill.schedule import sample_stage
 from pipeline.models.loading import load_prior
 from pipeline.models.sampler import GuidedSampler, SamplerConfig, step_bases
 
@@ -119,27 +117,6 @@ def test_cross_class_rows_match_per_class_calls_within_one_grey_level(denoiser):
 
 
 # ------------------------------------------------------------------------------- the stage driver
-def _stage_setup(tmp_path, prior, classes, ipc, **sampler):
-    cfg = build_config({"out": str(tmp_path), "ipc": ipc, "model": {"model": str(prior), "vae": ""},
-                        "sampler": {"num_steps": 4, "t_stop": 1, **sampler},
-                        "tangent": {"neighbours": 3, "dim": 2}, "runtime": {"progress": False}})
-    out = OutputDir(tmp_path)
-    out.prepare(cfg, overwrite=False)
-    rng = np.random.default_rng(0)
-    for i, c in enumerate(classes):
-        X = rng.normal(i, 1.0, size=(8, 64)).astype(np.float32)
-        buf = io.BytesIO()
-        np.savez(buf, **plan_class(X, cfg))
-        out.centroid_file(c).parent.mkdir(parents=True, exist_ok=True)
-        out.centroid_file(c).write_bytes(buf.getvalue())
-    return cfg, out
-
-
-def _tree(out: OutputDir) -> dict:
-    files = sorted([*out.train.rglob("*"), *(out.work / "manifest").glob("*")])
-    return {str(p.relative_to(out.root)): p.read_bytes() for p in files if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def prior6(tmp_path_factory):
     return save_tiny_prior(tmp_path_factory.mktemp("prior6"), num_classes=6)
@@ -148,18 +125,18 @@ def prior6(tmp_path_factory):
 def test_units_reproduce_their_bytes_on_rerun_and_resume(tmp_path, prior6, ray_session):
     classes = list("abcde")
     labels = {c: i for i, c in enumerate(classes)}
-    cfg, out = _stage_setup(tmp_path / "one", prior6, classes, ipc=3, max_batch=4)
+    cfg, out = stage_setup(tmp_path / "one", prior6, classes, ipc=3, max_batch=4)
     res = sample_stage(cfg, classes, labels, out)
     units = make_units(classes, labels, 3, 4)
     assert [r["uid"] for r in sorted(res["units"], key=lambda r: r["uid"])] == [u.uid for u in units]
     assert all(out.is_class_done(c) for c in classes)
-    first = _tree(out)
+    first = output_tree(out)
     assert len([p for p in first if p.endswith(".png")]) == 15
 
     # a second folder, same config: the same bytes
-    cfg2, out2 = _stage_setup(tmp_path / "two", prior6, classes, ipc=3, max_batch=4)
+    cfg2, out2 = stage_setup(tmp_path / "two", prior6, classes, ipc=3, max_batch=4)
     sample_stage(cfg2, classes, labels, out2)
-    assert _tree(out2) == first
+    assert output_tree(out2) == first
 
     # resume after deleting outputs as crashes leave them (a class with _SUCCESS is never redone):
     for c in "bc":  # unit 1 = b1 b2 c0 c1, straddling two classes: killed after one PNG
@@ -172,10 +149,10 @@ def test_units_reproduce_their_bytes_on_rerun_and_resume(tmp_path, prior6, ray_s
     out.manifest_part("d").unlink()          # ... and before d's manifest part
     res = sample_stage(cfg, classes, labels, out)
     assert sorted(r["uid"] for r in res["units"]) == sorted([units[1].uid, units[3].uid])
-    assert _tree(out) == first
+    assert output_tree(out) == first
     # and a rerun of a complete folder runs nothing
     assert sample_stage(cfg, classes, labels, out)["units"] == []
-    assert _tree(out) == first
+    assert output_tree(out) == first
 
 
 def test_units_start_while_later_plans_are_still_running(tmp_path, prior6, ray_session):
@@ -184,7 +161,7 @@ def test_units_start_while_later_plans_are_still_running(tmp_path, prior6, ray_s
 
     classes = list("abc")
     labels = {c: i for i, c in enumerate(classes)}
-    cfg, out = _stage_setup(tmp_path, prior6, classes, ipc=2, max_batch=2)  # units: a | b | c
+    cfg, out = stage_setup(tmp_path, prior6, classes, ipc=2, max_batch=2)  # units: a | b | c
     cfg.runtime.sample_actors = 1
 
     units = make_units(classes, labels, 2, 2)

@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 
 
 def guided_steps(num_steps: int, t_stop: int) -> int:
-    """Guided steps are respaced indices t = num_steps-1 ... t_stop+1: the first num_steps-1-t_stop."""
+    """Guided steps are the respaced indices i = num_steps-1 ... t_stop+1 (i > t_stop): the first
+    num_steps-1-t_stop."""
     return max(0, num_steps - 1 - t_stop)
 
 

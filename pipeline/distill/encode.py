@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -175,10 +176,11 @@ def _same_rows(group):
     return group
 
 
-def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -> dict:
+def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -> None:
+    """Encode every listed image into ``_work/latents`` (skipped when a finished one is there)."""
     if (out.latents / "_DONE").exists():
         log("encode: latents found, skipping")
-        return {"skipped": True}
+        return
     use_gpu = cfg.runtime.use_gpu(ray.cluster_resources().get("GPU", 0))  # runtime.device: auto | cuda | cpu
     lo, hi = pool_size(cfg.runtime.encode_actors, use_gpu)
     log(f"encode: {listing.num_items} images at {image_size}px, {hi} VAE actor(s) on {'GPU' if use_gpu else 'CPU'}")
@@ -187,14 +189,24 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
                                           seed=cfg.seed), batch_format="numpy", batch_size=64)
     tmp = out.work / "latents.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
-                                                            "threads": 0 if use_gpu else 1,
-                                                            "micro_batch": cfg.model.encode_batch,
-                                                            "device": cfg.runtime.device if use_gpu else "cpu",
-                                                            "report_dir": str(tmp / DEVICES_DIR)},
-                        batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
-                        num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5)
+    with warnings.catch_warnings():
+        # Ray 2.60 takes max_restarts only among the extra remote args, which it marks deprecated (for
+        # 2.64) before it has a named parameter for it: this one call's notice is not the user's to act on.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = ds.map_batches(VAEEncoder, fn_constructor_kwargs={"model": cfg.to_dict()["model"],
+                                                                "threads": 0 if use_gpu else 1,
+                                                                "micro_batch": cfg.model.encode_batch,
+                                                                "device": cfg.runtime.device if use_gpu else "cpu",
+                                                                "report_dir": str(tmp / DEVICES_DIR)},
+                            batch_size=cfg.runtime.encode_batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
+                            num_gpus=1 if use_gpu else 0, num_cpus=1 if not use_gpu else 0.5,
+                            # Ray Data hands each pool actor its function and context as object-store
+                            # refs, which an in-place restart cannot rely on (Ray logs an error-level line
+                            # for every such actor with restarts on). Stage 1 is all-or-nothing (written
+                            # to latents.tmp, renamed when complete): a lost encode actor ends the stage,
+                            # and a rerun redoes it.
+                            max_restarts=0)
     if listing.kind == "parquet":
         # Parquet rows come in any class order: gather each class before writing, so a class is one file
         # (not one per input block, ~1e6 tiny files at ImageNet size) and stage 2 opens one file per class.
@@ -208,7 +220,6 @@ def encode_stage(cfg: DistillConfig, listing, out: OutputDir, image_size: int) -
     (tmp / "_DONE").write_text("ok\n")
     shutil.rmtree(out.latents, ignore_errors=True)
     os.replace(tmp, out.latents)
-    return {"skipped": False}
 
 
 def encode_devices(out: OutputDir) -> list[dict]:

@@ -6,7 +6,7 @@ over the class's median nearest-neighbour spacing. A sample scoring above ``heal
 
 Regeneration rule (deterministic): a flagged sample (class y, k) is sampled again with noise attempt
 1, 2, ... ``health.max_attempts - 1`` (noise a pure function of (seed, y, k, attempt),
-``pipeline.models.sampler.sample_seed``), same centroid and bases; the first attempt that is not flagged
+``pipeline.models.noise.sample_seed``), same centroid and bases; the first attempt that is not flagged
 is kept. If every attempt is flagged, the attempt with the lowest score is kept and stays flagged. The
 flagged rows of a unit are resampled together, in row order, so the result depends only on the unit.
 """

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -30,11 +31,21 @@ from pipeline.common.device import DeviceUnavailableError, device_error_line, su
 from pipeline.common.log import get_logger
 from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_table
 from pipeline.common.ray_start import init_ray
-from pipeline.config import ConfigError, DistillConfig, build_config, load_yaml, parse_set, to_yaml, validate
+from pipeline.config import (
+    ConfigError,
+    DistillConfig,
+    build_config,
+    choices_text,
+    load_yaml,
+    parse_set,
+    to_yaml,
+    validate,
+)
 from pipeline.distill.encode import decode_failures, encode_devices, encode_stage, latent_counts
 from pipeline.distill.health import health_summary
-from pipeline.distill.plan import submit_plans
-from pipeline.distill.sample import UnitFailedError, sample_stage
+from pipeline.distill.plan import plan_stage, submit_plans
+from pipeline.distill.sample import ClassSampler
+from pipeline.distill.schedule import UnitFailedError, sample_stage
 from pipeline.inputs.sources import builtin_names, list_source
 from pipeline.models.loading import PriorLoadError
 from pipeline.models.refs import BUILTIN, prior_info, resolve
@@ -48,8 +59,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ipc", type=int, help="images per class (default 10)")
     p.add_argument("--model", help="DiT hub id or local folder (default facebook/DiT-XL-2-256)")
     p.add_argument("--vae", help="VAE hub id or local folder (default stabilityai/sd-vae-ft-mse)")
-    p.add_argument("--guidance", help="none | mode | manifold (default manifold)")
-    p.add_argument("--cluster", help="divisive | kmeans (default divisive)")
+    p.add_argument("--guidance", help=f"{choices_text('sampler.guidance')} (default manifold)")
+    p.add_argument("--cluster", help=f"{choices_text('cluster.method')} (default divisive)")
     p.add_argument("--seed", type=int, help="generation seed (default 0)")
     p.add_argument("--config", metavar="FILE_OR_PRESET",
                    help="a config file, or a packaged preset by name (e.g. imagenet1k_ipc50)")
@@ -240,8 +251,27 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
+@dataclass
+class RunResult:
+    """What ``run_stages`` returns: the run record (also written to run.json) and the stages' own results,
+    for callers that measure them (bench/scale.py): per-plan and per-unit results of this run."""
+
+    record: dict
+    plans: list[dict] = field(default_factory=list)
+    units: list[dict] = field(default_factory=list)
+    sample_called_at: float = 0.0  # time.time() when stages 2 and 3 began (the plan tasks' submission)
+
+
+def run(cfg: DistillConfig, listing, *, overwrite: bool = False, actor_cls: type = ClassSampler) -> dict:
     """Run (or resume) a distillation; returns the run record also written to run.json."""
+    return run_stages(cfg, listing, overwrite=overwrite, actor_cls=actor_cls).record
+
+
+def run_stages(cfg: DistillConfig, listing, *, overwrite: bool = False, actor_cls: type = ClassSampler,
+               plan_barrier: bool = False) -> RunResult:
+    """``run``, returning the stages' results too. ``actor_cls``: the sampling actor (a ``ClassSampler``;
+    tests pass a subclass). ``plan_barrier``: every plan before the first unit instead of overlapping
+    stages 2 and 3 (the same bytes; a comparison for benchmarks)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     image_size = check_model(cfg, listing)
@@ -267,33 +297,51 @@ def run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> dict:
     for c in skipped:
         log(f"class {c}: no usable image, no output for it (see quarantine.parquet)")
 
-    # Stages 2 and 3 overlap: plan tasks are submitted first, and a sampling unit starts as soon as the
-    # plans of all its classes exist (pipeline/distill/sample.py).
-    stage = sample_stage(cfg, classes, listing.labels, out, plans=submit_plans(cfg, classes, out))
-    plans, sampled = stage["plans"], stage["units"]
+    called_at = time.time()
+    stage = _plan_and_sample(cfg, classes, listing.labels, out, actor_cls, plan_barrier)
     timings.update(stage["timings"])
-
     n_rows = write_manifest(out, classes, listing)
     timings["total"] = time.perf_counter() - t0
     record = {
         "config": cfg.to_dict(), "config_hash": cfg.config_hash(), "versions": versions(),
         "hardware": hardware(), "timings_s": timings, "timings_cover": TIMINGS_COVER,
-        "counts": {"found": listing.num_items + len(listing.rejected), "encoded": sum(counts.values()),
-                   "quarantined": n_quarantined, "classes": len(classes), "classes_without_images": skipped,
-                   "classes_sampled_this_run": len({c for r in sampled for c in r["classes"]}),
-                   "units_sampled_this_run": len(sampled), "images": n_rows,
-                   "classes_with_repeated_centroids": sorted(p["class_name"] for p in plans if p.get("repeated"))},
+        "counts": _counts(listing, counts, n_quarantined, classes, skipped, stage, n_rows),
+        "plan_backends": sorted({p["backend"] for p in stage["plans"] if p.get("backend")}),
+        "nodes_used": sorted({r["node_id"] for r in stage["units"]}),
         "health": (health := health_summary(out.root / "manifest.parquet")),
-        "plan_backends": sorted({p["backend"] for p in plans if p.get("backend")}),
-        "nodes_used": sorted({r["node_id"] for r in sampled}),
-        "devices": stage_devices(out, plans, sampled),
+        "devices": stage_devices(out, stage["plans"], stage["units"]),
     }
     warn_fallbacks(record["devices"])
     atomic_write_json(out.root / "run.json", record)
     log(f"done: {n_rows} images in {out.train} ({len(classes)} classes); "
         f"{n_quarantined} file(s) quarantined; {health['flagged']} flagged by the health check "
         f"({health['regenerated']} regenerated); {timings['total']:.1f}s")
-    return record
+    return RunResult(record, stage["plans"], stage["units"], called_at)
+
+
+def _plan_and_sample(cfg: DistillConfig, classes: list[str], labels: dict, out: OutputDir, actor_cls: type,
+                     plan_barrier: bool) -> dict:
+    """Stages 2 and 3: overlapped (plan tasks submitted first, a sampling unit starts as soon as the plans
+    of all its classes exist: pipeline/distill/schedule.py), or stage 2 as a barrier first."""
+    if not plan_barrier:
+        return sample_stage(cfg, classes, labels, out, plans=submit_plans(cfg, classes, out), actor_cls=actor_cls)
+    start = time.perf_counter()
+    plans = plan_stage(cfg, classes, out)
+    plan_s = time.perf_counter() - start
+    stage = sample_stage(cfg, classes, labels, out, actor_cls=actor_cls)
+    t = stage["timings"]
+    t.update(plan=plan_s, plan_sample_overlap=0.0, plan_and_sample=plan_s + t["plan_and_sample"])
+    return {**stage, "plans": plans}
+
+
+def _counts(listing, counts: dict, n_quarantined: int, classes: list[str], skipped: list[str], stage: dict,
+            n_rows: int) -> dict:
+    plans, sampled = stage["plans"], stage["units"]
+    return {"found": listing.num_items + len(listing.rejected), "encoded": sum(counts.values()),
+            "quarantined": n_quarantined, "classes": len(classes), "classes_without_images": skipped,
+            "classes_sampled_this_run": len({c for r in sampled for c in r["classes"]}),
+            "units_sampled_this_run": len(sampled), "images": n_rows,
+            "classes_with_repeated_centroids": sorted(p["class_name"] for p in plans if p.get("repeated"))}
 
 
 # ------------------------------------------------------------------------------------- the CLI
@@ -335,9 +383,10 @@ def dry_run(cfg: DistillConfig, listing, *, overwrite: bool = False) -> None:
 
 
 def distill_command(resolve: Callable[[], DistillConfig], *, dry_run_only: bool = False,
-                    overwrite: bool = False) -> int:
+                    overwrite: bool = False, actor_cls: type = ClassSampler) -> int:
     """Resolve, validate, list and run, turning every expected failure into one message and an exit code
-    (2: a bad setting, 130: interrupted, 1: a write failed). The `distill` command and the demo use it."""
+    (2: a bad setting, 130: interrupted, 1: a write failed). The `distill` command and the demo use it;
+    ``actor_cls`` is ``run``'s."""
     cfg = None
     try:
         cfg = validate(resolve())
@@ -345,7 +394,7 @@ def distill_command(resolve: Callable[[], DistillConfig], *, dry_run_only: bool 
         if dry_run_only:
             dry_run(cfg, listing, overwrite=overwrite)
             return 0
-        run(cfg, listing, overwrite=overwrite)
+        run(cfg, listing, overwrite=overwrite, actor_cls=actor_cls)
     except ConfigError as exc:
         print(f"manifoldgd: error: {exc}", file=sys.stderr)
         return 2

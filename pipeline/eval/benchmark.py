@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from pipeline.config import DistillConfig, validate
 from pipeline.distill.run import resolve_distill_config, run
 from pipeline.eval import report
 from pipeline.eval.baselines import RealPool, kmeans_nearest_ids, random_ids, write_real_set
+from pipeline.eval.benchmark_options import BenchmarkOptions, parse_seeds
 from pipeline.eval.cells import (
     aggregate,
     cell_path,
@@ -92,59 +92,40 @@ class Grid:
                         yield self.table[name], ipc, seed
 
 
-def parse_grid(args) -> Grid:
-    table = {**METHODS, **parse_variants(args.variant)}
-    test = args.test or args.data
+def parse_grid(opts: BenchmarkOptions) -> Grid:
+    table = {**METHODS, **parse_variants(opts.variant)}
+    test = opts.test or opts.data
     try:
-        extractor = resolve_features(args.features, test)
+        extractor = resolve_features(opts.features, test)
     except FeatureLoadError as exc:
         raise ValueError(str(exc)) from None
-    return Grid(out=Path(args.out), table=table, methods=parse_methods(args.methods, table),
-                ipcs=[int(x) for x in str(args.ipc).split(",") if x.strip()], seeds=parse_seeds(args.seeds),
-                archs=[a.strip() for a in args.arch.split(",") if a.strip()],
-                student=parse_student_settings(args.student), test=test, extractor=extractor)
+    return Grid(out=Path(opts.out), table=table, methods=parse_methods(opts.methods, table),
+                ipcs=[int(x) for x in str(opts.ipc).split(",") if x.strip()], seeds=parse_seeds(opts.seeds),
+                archs=[a.strip() for a in opts.arch.split(",") if a.strip()],
+                student=parse_student_settings(opts.student), test=test, extractor=extractor)
 
 
-def parse_seeds(spec) -> list[int]:
-    """``--seeds``: ``N`` = seeds 0..N-1; ``A-B`` = seeds A..B (inclusive); ``A,B,C`` = those seeds (a list
-    may mix single seeds and ranges: ``0,3-5``). The way to select a subset, e.g. tuning seeds disjoint
-    from the table's."""
-    text = str(spec).strip()
-    if text.isdigit():
-        return list(range(int(text)))
-    seeds: list[int] = []
-    try:
-        for part in (p.strip() for p in text.split(",") if p.strip()):
-            a, sep, b = part.partition("-")
-            seeds += list(range(int(a), int(b) + 1)) if sep else [int(a)]
-    except ValueError:
-        raise ValueError(f"--seeds {spec!r}: expected N (seeds 0..N-1), A-B or a comma-separated list") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {spec!r}: expected distinct seeds >= 0")
-    return seeds
-
-
-def run_benchmark(args) -> dict:
-    if args.results_file and not args.report_only:
+def run_benchmark(opts: BenchmarkOptions) -> dict:
+    if opts.results_file and not opts.report_only:
         raise ValueError("--results-file reads a finished results file: use it with --report-only")
-    grid = parse_grid(args)
+    grid = parse_grid(opts)
     grid.out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    if not args.report_only:
+    if not opts.report_only:
         init_ray()
-        make_distilled_sets(args, grid, timings)
-        make_real_sets(args, grid)  # after distill: the k-means-nearest set needs the MGD3 run's plan
-        train_students(args, grid, timings)
-    return write_report(args, grid, timings)
+        make_distilled_sets(opts, grid, timings)
+        make_real_sets(opts, grid)  # after distill: the k-means-nearest set needs the MGD3 run's plan
+        train_students(opts, grid, timings)
+    return write_report(opts, grid, timings)
 
 
 # ---------------------------------------------------------------------------------------- 1. the sets
-def distill_config(args, method: Method, ipc: int, seed: int, out: Path) -> DistillConfig:
+def distill_config(opts: BenchmarkOptions, method: Method, ipc: int, seed: int, out: Path) -> DistillConfig:
     """The config ``manifoldgd distill --data .. --out OUT --ipc IPC --seed SEED --guidance .. --cluster ..
     [--model ..] [--vae ..] [--set ..]`` resolves to: the benchmark's --set, then the method's own (which win)."""
-    return resolve_distill_config(data=args.data, out=str(out), ipc=ipc, seed=seed, model=args.model, vae=args.vae,
+    return resolve_distill_config(data=opts.data, out=str(out), ipc=ipc, seed=seed, model=opts.model, vae=opts.vae,
                                   guidance=method.guidance, cluster=method.cluster,
-                                  overrides=[*args.set, *method.sets])
+                                  overrides=[*opts.set, *method.sets])
 
 
 def distill_finished(cfg: DistillConfig) -> bool:
@@ -167,37 +148,37 @@ def run_distill(cfg: DistillConfig, share_from: Path | None) -> float:
     return time.perf_counter() - start
 
 
-def make_distilled_sets(args, grid: Grid, timings: dict) -> None:
+def make_distilled_sets(opts: BenchmarkOptions, grid: Grid, timings: dict) -> None:
     for ipc in grid.ipcs:
         for seed in grid.seeds:
             for name in grid.methods:
                 m = grid.table[name]
                 if m.kind != "distill":
                     continue
-                cfg = validate(distill_config(args, m, ipc, seed, set_dir(grid.out, m, ipc, seed)))
+                cfg = validate(distill_config(opts, m, ipc, seed, set_dir(grid.out, m, ipc, seed)))
                 if distill_finished(cfg):
                     continue
                 log(f"distill {name} IPC {ipc} seed {seed}")
-                seconds = run_distill(cfg, grid.out if args.share_latents else None)
+                seconds = run_distill(cfg, grid.out if opts.share_latents else None)
                 timings[f"distill/{name}/ipc{ipc}_seed{seed}"] = round(seconds, 1)
 
 
-def image_size(args, grid: Grid) -> int:
+def image_size(opts: BenchmarkOptions, grid: Grid) -> int:
     """The size of the distilled images: a distilled set's, else (no generative method) the prior's."""
     for m, ipc, seed in grid.sets("distill"):
         images, _, _ = load_distilled(set_dir(grid.out, m, ipc, seed))
         return int(images.shape[1])
-    cfg = resolve_distill_config(data=args.data, model=args.model, vae=args.vae, overrides=args.set)
+    cfg = resolve_distill_config(data=opts.data, model=opts.model, vae=opts.vae, overrides=opts.set)
     return prior_info(cfg.model)[0]
 
 
-def make_real_sets(args, grid: Grid) -> None:
+def make_real_sets(opts: BenchmarkOptions, grid: Grid) -> None:
     pool = None
     for m, ipc, seed in grid.sets("real"):
         d = set_dir(grid.out, m, ipc, seed)
         if (d / "_SUCCESS").exists():
             continue
-        pool = pool or RealPool(args.data, image_size(args, grid))
+        pool = pool or RealPool(opts.data, image_size(opts, grid))
         if m.name == "random":
             selection = random_ids(pool, ipc, seed)
         else:
@@ -215,25 +196,25 @@ class TestSet:
     copy_refs: dict | None = None               # the training set's copy references (None: copies off)
 
 
-def load_test_set(args, grid: Grid, classes: list[str], size: int) -> TestSet:
+def load_test_set(opts: BenchmarkOptions, grid: Grid, classes: list[str], size: int) -> TestSet:
     images, labels = load_test(grid.test, classes, size)
-    refs = copy_references_for(args, grid, size)
+    refs = copy_references_for(opts, grid, size)
     if grid.extractor is None:
         return TestSet(images, labels, copy_refs=refs)
     features = grid.extractor(images)
     return TestSet(images, labels, features, GaussianReference.of(features), refs)
 
 
-def copy_references_for(args, grid: Grid, size: int) -> dict | None:
+def copy_references_for(opts: BenchmarkOptions, grid: Grid, size: int) -> dict | None:
     """The real training images' copy references (pixels, and the grid's features), at the distilled
     size; None with --no-copies or when the training set is larger than --copies-max-train (the
     leave-one-out pass is quadratic in it)."""
-    if not args.copies:
+    if not opts.copies:
         return None
-    pool = RealPool(args.data, size)
+    pool = RealPool(opts.data, size)
     ids = [i for c in pool.classes for i in pool.ids[c]]
-    if len(ids) > args.copies_max_train:
-        log(f"copy detection off: {len(ids)} training images > --copies-max-train {args.copies_max_train}")
+    if len(ids) > opts.copies_max_train:
+        log(f"copy detection off: {len(ids)} training images > --copies-max-train {opts.copies_max_train}")
         return None
     log(f"copy detection: nearest-neighbour references of {len(ids)} training images")
     return copy_references(pool.pixels(ids), grid.extractor)
@@ -248,7 +229,7 @@ def set_measures(grid: Grid, test: TestSet, images: np.ndarray) -> dict:
     return {"metrics": metrics, "copies": copies}
 
 
-def pending_students(args, grid: Grid) -> tuple[list[StudentJob], dict[str, dict], TestSet | None]:
+def pending_students(opts: BenchmarkOptions, grid: Grid) -> tuple[list[StudentJob], dict[str, dict], TestSet | None]:
     """A student job for every cell not finished with these settings, the cell each will fill (by job
     key), and the test set (None when every cell is finished)."""
     jobs: list[StudentJob] = []
@@ -258,12 +239,12 @@ def pending_students(args, grid: Grid) -> tuple[list[StudentJob], dict[str, dict
         images, labels, classes = load_distilled(set_dir(grid.out, m, ipc, seed))
         measures = None
         for arch in grid.archs:
-            recipe = asdict(recipe_for(args.profile, ipc, len(images), fast_steps=args.fast_steps,
+            recipe = asdict(recipe_for(opts.profile, ipc, len(images), fast_steps=opts.fast_steps,
                                        **{**grid.student, "arch": arch}))
             key = eval_key(recipe, grid.test, grid.extractor.name if grid.extractor else None)
             if load_cell(cell_path(grid.out, m.name, ipc, seed, arch), key):
                 continue
-            test = test or load_test_set(args, grid, classes, images.shape[1])
+            test = test or load_test_set(opts, grid, classes, images.shape[1])
             measures = set_measures(grid, test, images) if measures is None else measures
             job = StudentJob(f"{m.name}|{ipc}|{seed}|{arch}", images, labels, len(classes), recipe, seed)
             cells[job.key] = {"method": m.name, "ipc": ipc, "seed": seed, "arch": arch, "eval_key": key,
@@ -272,10 +253,10 @@ def pending_students(args, grid: Grid) -> tuple[list[StudentJob], dict[str, dict
     return jobs, cells, test
 
 
-def train_students(args, grid: Grid, timings: dict) -> None:
+def train_students(opts: BenchmarkOptions, grid: Grid, timings: dict) -> None:
     """One Ray task per pending cell; each cell is written as its student finishes (what makes a stopped
     benchmark resume where it stopped)."""
-    jobs, cells, test = pending_students(args, grid)
+    jobs, cells, test = pending_students(opts, grid)
     total = len(grid.methods) * len(grid.ipcs) * len(grid.seeds) * len(grid.archs)
     log(f"students: {len(jobs)} to train ({total - len(jobs)} cells already done)")
 
@@ -283,7 +264,7 @@ def train_students(args, grid: Grid, timings: dict) -> None:
         c = cells[job.key]
         cell = {**{k: c[k] for k in ("method", "ipc", "seed", "arch", "eval_key", "recipe")}, "student": result,
                 "metrics": c["metrics"], "copies": c["copies"], "n_images": int(len(job.labels)),
-                "command": args.command_line,
+                "command": opts.command_line(),
                 "distill_seconds": distill_seconds(grid.out, grid.table[c["method"]], c["ipc"], c["seed"])}
         save_cell(grid.out, cell)
         log(f"{c['method']} IPC {c['ipc']} seed {c['seed']} {c['arch']}: final top-1 "
@@ -291,19 +272,19 @@ def train_students(args, grid: Grid, timings: dict) -> None:
 
     t = time.perf_counter()
     if jobs:
-        run_student_jobs(jobs, (test.images, test.labels), done, args.workers)
+        run_student_jobs(jobs, (test.images, test.labels), done, opts.workers)
     timings["students"] = round(time.perf_counter() - t, 1)
 
 
 # ------------------------------------------------------------------------------------------ 3. report
-def write_report(args, grid: Grid, timings: dict) -> dict:
+def write_report(opts: BenchmarkOptions, grid: Grid, timings: dict) -> dict:
     """results.json, results.jsonl, table.md, chart.png and the sample grids, from the cells that exist
     (or, with --results-file, from that file's records alone); then the marked blocks of every --into."""
     out = grid.out
-    if args.results_file:
-        records = [r for r in read_records(Path(args.results_file)) if r["test"] == grid.test]
+    if opts.results_file:
+        records = [r for r in read_records(Path(opts.results_file)) if r["test"] == grid.test]
         table = {**methods_of(records), **grid.table}
-        methods = parse_methods(args.methods, table)
+        methods = parse_methods(opts.methods, table)
         records = [r for r in records if r["seed"] in grid.seeds]
     else:
         table, methods = grid.table, grid.methods
@@ -311,20 +292,20 @@ def write_report(args, grid: Grid, timings: dict) -> dict:
                    for c in cells_in(out, methods, grid.ipcs, grid.seeds, grid.archs)]
         write_records(out / "results.jsonl", records)
     results = aggregate(records, methods, grid.ipcs, grid.archs, table)
-    recipes = {a: recipe_for(args.profile, max(grid.ipcs), 10 * max(grid.ipcs), fast_steps=args.fast_steps,
+    recipes = {a: recipe_for(opts.profile, max(grid.ipcs), 10 * max(grid.ipcs), fast_steps=opts.fast_steps,
                              **{**grid.student, "arch": a}).describe() for a in grid.archs}
-    results.update({"data": args.data, "test": grid.test, "profile": args.profile, "archs": grid.archs,
+    results.update({"data": opts.data, "test": grid.test, "profile": opts.profile, "archs": grid.archs,
                     "recipe": recipes, "features": grid.extractor.name if grid.extractor else None,
-                    "seeds_requested": grid.seeds, "command": args.command_line, "timings_this_run_s": timings})
+                    "seeds_requested": grid.seeds, "command": opts.command_line(), "timings_this_run_s": timings})
     atomic_write_json(out / "results.json", results)
     (out / "table.md").write_text(report.markdown(results))
     report.bar_chart(results, out / "chart.png")
-    if not args.results_file:
+    if not opts.results_file:
         (out / "samples").mkdir(exist_ok=True)
         for name in methods:
             for ipc in grid.ipcs:
                 report.sample_grid(set_dir(out, table[name], ipc, grid.seeds[0]), out / "samples" / f"{name}_ipc{ipc}.png")
-    for path in args.into:
+    for path in opts.into:
         names = rewrite_blocks(Path(path), report.blocks(results))
         log(f"rewrote {', '.join(names) or 'no'} results block(s) in {path}")
     return results
@@ -335,25 +316,11 @@ def recipe_text(recipe: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the CLI
-def command_line(args) -> str:
-    """The command that reproduces (and resumes) this benchmark, with every default spelled out."""
-    parts = ["manifoldgd benchmark", f"--data {args.data}", f"--out {args.out}", f"--ipc {args.ipc}",
-             f"--seeds {args.seeds}", f"--methods {shlex.quote(args.methods)}", f"--arch {args.arch}",
-             f"--profile {args.profile}", f"--features {args.features}"]
-    parts += [f"--fast-steps {args.fast_steps}"] if args.profile == "fast" else []
-    parts += [f"--test {args.test}"] if args.test else []
-    parts += [f"--model {args.model}"] if args.model is not None else []
-    parts += [f"--vae '{args.vae}'"] if args.vae is not None else []
-    parts += [f"--set {s}" for s in args.set] + [f"--student {s}" for s in args.student]
-    parts += [f"--variant {v}" for v in args.variant]
-    return " ".join(parts)
-
-
 def cmd_benchmark(args: argparse.Namespace) -> int:
-    args.command_line = command_line(args)
+    opts = BenchmarkOptions.from_namespace(args)
     start = time.perf_counter()
     try:
-        results = run_benchmark(args)
+        results = run_benchmark(opts)
     except (ValueError, FileNotFoundError) as exc:  # a bad option or distill setting (ConfigError), missing data
         print(f"manifoldgd: error: {exc}", file=sys.stderr)
         return 2
@@ -365,7 +332,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         return 130
 
     print(report.markdown(results))
-    print(f"benchmark finished in {time.perf_counter() - start:.0f}s; wrote {Path(args.out) / 'table.md'}, "
+    print(f"benchmark finished in {time.perf_counter() - start:.0f}s; wrote {Path(opts.out) / 'table.md'}, "
           f"results.json, chart.png, samples/")
     return 0
 

@@ -105,9 +105,29 @@ def variant_args(table: dict[str, tuple[str, dict]]) -> list[str]:
     return out
 
 
-def benchmark_argv(args) -> list[str]:
-    return ["benchmark", "--data", args.data, "--test", args.test, "--out", args.out, "--ipc", str(args.ipc),
-            "--seeds", args.seeds, "--methods", "", *STUDENT, *variant_args(variants(args.budget, args.seed))]
+@dataclass(frozen=True)
+class TuneOptions:
+    """One `python -m pipeline.eval.tune` command, typed (``DEFAULTS`` are its protocol fields)."""
+
+    action: str                     # run | choose | report | variants
+    out: str = "runs/tune_mnist10k"
+    budget: int = DEFAULTS["budget"]
+    seed: int = DEFAULTS["seed"]
+    ipc: int = DEFAULTS["ipc"]
+    seeds: str = DEFAULTS["seeds"]
+    test: str = DEFAULTS["test"]
+    data: str = DEFAULTS["data"]
+    results: str | None = None
+    write_defaults: bool = False
+    into: tuple[str, ...] = ()
+
+    def protocol(self) -> dict:
+        return {k: getattr(self, k) for k in DEFAULTS}
+
+
+def benchmark_argv(opts: TuneOptions) -> list[str]:
+    return ["benchmark", "--data", opts.data, "--test", opts.test, "--out", opts.out, "--ipc", str(opts.ipc),
+            "--seeds", opts.seeds, "--methods", "", *STUDENT, *variant_args(variants(opts.budget, opts.seed))]
 
 
 def choose(out: Path, table: dict[str, tuple[str, dict]], ipc: int, seeds: list[int], arch: str = "convnet") -> dict:
@@ -184,7 +204,7 @@ def tuning_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_options(argv: list[str] | None = None) -> TuneOptions:
     p = argparse.ArgumentParser(prog="python -m pipeline.eval.tune", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("run", "choose", "report", "variants"),
                    help="run the sweep; choose from its cells; report = tables from the --results file alone")
@@ -198,32 +218,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--into", action="append", default=[], metavar="FILE",
                    help="rewrite the <!-- results:tuning begin/end --> block of FILE with the sweep's table")
     args = p.parse_args(argv)
-    table = variants(args.budget, args.seed)
-    if args.action == "variants":
+    return TuneOptions(**{**vars(args), "into": tuple(args.into)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tune(parse_options(argv))
+
+
+def run_tune(opts: TuneOptions) -> int:
+    table = variants(opts.budget, opts.seed)
+    if opts.action == "variants":
         print(" ".join(variant_args(table)))
         return 0
-    if args.action == "run":
+    if opts.action == "run":
         from pipeline.cli import main as cli_main  # noqa: PLC0415 (the CLI's command table is imported lazily)
-        return cli_main(benchmark_argv(args))
-    if args.action == "report":
-        result = json.loads(Path(args.results).read_text())
+        return cli_main(benchmark_argv(opts))
+    if opts.action == "report":
+        result = json.loads(Path(opts.results).read_text())
     else:
-        from pipeline.eval.benchmark import parse_seeds  # noqa: PLC0415
-        result = choose(Path(args.out), table, args.ipc, parse_seeds(args.seeds))
-        result.update({"protocol": {k: getattr(args, k) for k in DEFAULTS}, "student": " ".join(STUDENT),
+        from pipeline.eval.benchmark_options import parse_seeds  # noqa: PLC0415
+        result = choose(Path(opts.out), table, opts.ipc, parse_seeds(opts.seeds))
+        result.update({"protocol": opts.protocol(), "student": " ".join(STUDENT),
                        "command": "python -m pipeline.eval.tune run "
-                       + " ".join(f"--{k} {getattr(args, k)}" for k in DEFAULTS)})
+                       + " ".join(f"--{k} {v}" for k, v in opts.protocol().items())})
         if set(result["chosen"]) != set(SPACES):
             print("not every setting has a cell for every tuning seed: run the sweep first", file=sys.stderr)
             return 1
     print(tuning_markdown(result))
-    if args.results and args.action == "choose":
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    if args.write_defaults and args.action == "choose":
-        DEFAULTS_FILE.write_text(defaults_yaml(result["chosen"], args.results or "(not written)"))
+    if opts.results and opts.action == "choose":
+        Path(opts.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.results).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    if opts.write_defaults and opts.action == "choose":
+        DEFAULTS_FILE.write_text(defaults_yaml(result["chosen"], opts.results or "(not written)"))
         print(f"wrote {DEFAULTS_FILE}")
-    for path in args.into:
+    for path in opts.into:
         rewrite_blocks(Path(path), {"tuning": tuning_markdown(result)})
         print(f"rewrote the tuning block in {path}")
     return 0

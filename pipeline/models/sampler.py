@@ -30,29 +30,19 @@ most a factor ``ops.schedule.learned_std_spread`` (1.007 at the default's last g
 i = 1); with fixed variance they are the same number. DDIM uses the same sigma_i, so guidance has the
 same strength under both samplers instead of vanishing with DDIM's zero noise.
 
-Noise: sample k of class y draws its initial latent and then one step noise per DDPM step, in
-order, from its own CPU ``torch.Generator`` seeded by a hash of (seed, y, k). So the noise never
-depends on batching, chunking, other classes or rows in the batch, the worker, nor the device.
+Noise: pipeline/models/noise.py (a pure function of (seed, class, k)).
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ops.guidance import (
-    GUIDANCE_MODES,
-    SIGMA_MODES,
-    guidance_sigma,
-    guidance_vector,
-    guided_mean,
-    trust_region,
-    x0_from_eps,
-)
+from ops.guidance import guidance_sigma, guidance_vector, guided_mean, trust_region, x0_from_eps
 from ops.schedule import (
     SPACINGS,
     Schedule,
@@ -62,41 +52,32 @@ from ops.schedule import (
     posterior_mean_coefficients,
     respaced_schedule,
 )
+from pipeline.config import DistillConfig, SamplerSection, check_choices
 from pipeline.models.loading import Prior
+from pipeline.models.noise import NoiseStreams
 
-SAMPLERS = ("ddpm", "ddim")
-CFG_CHANNELS = ("dit", "all")
 DIT_CFG_CHANNELS = 3  # DiT's forward_with_cfg guides the first 3 of 4 latent channels
 
 
 @dataclass
-class SamplerConfig:
-    num_steps: int = 50
-    train_steps: int = 1000
-    sampler: str = "ddpm"  # ddpm | ddim (eta 0)
+class SamplerConfig(SamplerSection):
+    """The sampler's settings: the distill config's ``sampler`` section (every knob, its default and its
+    allowed values defined there, in pipeline/config.py) plus what a run takes from elsewhere (``seed``)
+    and two settings only the sampler has. ``from_config`` builds it from a distill config."""
+
+    guidance: str = "none"  # on its own the sampler is plain DiT; a distill config's default is manifold
     spacing: str = "dit"  # dit: space_timesteps(T, "num_steps"); uniform: DiT's "ddimN" stride
-    cfg_scale: float = 4.0  # 1.0 switches classifier-free guidance off
-    cfg_channels: str = "dit"  # dit: first 3 latent channels (DiT); all: every channel (diffusers)
-    guidance: str = "none"  # none | mode | manifold
-    guidance_scale: float = 0.1  # lambda
-    t_stop: int = 25  # guided while the respaced index i > t_stop
-    normal_weight: float = 0.0  # manifold only: weight of the normal component of c - x0_hat
-    sigma: str = "scalar"  # sigma_i of the guidance term: scalar (per sample) | elementwise (per coordinate)
-    trust_region: float = 0.0  # > 0: lambda g capped at this RMS per coordinate (ops.guidance.trust_region)
-    max_batch: int = 64  # samples per model call (the model sees 2x with CFG)
     seed: int = 0
     autocast: bool = True  # bf16 (fp16 without bf16 support) autocast on CUDA; CPU always runs fp32
 
+    @classmethod
+    def from_config(cls, cfg: DistillConfig) -> SamplerConfig:
+        return cls(**dataclasses.asdict(cfg.sampler), seed=cfg.seed)
+
     def __post_init__(self):
-        for name, value, allowed in (
-            ("sampler", self.sampler, SAMPLERS),
-            ("spacing", self.spacing, SPACINGS),
-            ("cfg_channels", self.cfg_channels, CFG_CHANNELS),
-            ("guidance", self.guidance, GUIDANCE_MODES),
-            ("sigma", self.sigma, SIGMA_MODES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        check_choices(self, "sampler")  # a ConfigError, which is a ValueError
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
         if not 1 <= self.num_steps <= self.train_steps:
             raise ValueError(f"num_steps must be in [1, train_steps={self.train_steps}], got {self.num_steps}")
         if self.max_batch < 1:
@@ -147,14 +128,6 @@ class GuidanceState:
     scale: float
     normal_weight: float = 0.0
     trust_region: float = 0.0  # > 0: ops.guidance.trust_region on g
-
-
-def sample_seed(seed: int, class_id: int, k: int, attempt: int = 0) -> int:
-    """A 63-bit generator seed that depends on (seed, class, sample index, attempt) only. Attempt 0 is the
-    sample's first noise (the same seed as before attempts existed); a health regeneration uses 1, 2, ..."""
-    key = f"manifoldgd/noise/{seed}/{class_id}/{k}" + (f"/attempt{attempt}" if attempt else "")
-    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 def denoise_step(
@@ -208,20 +181,6 @@ def denoise_step(
             "noise_std": noise_std, "noise": noise if adds_noise else None, "x_prev": x_prev}
 
 
-class _NoiseStreams:
-    """One CPU generator per row (class, k); each ``draw`` returns the next (n, C, H, W) block."""
-
-    def __init__(self, seed: int, class_ids: Sequence[int], indices: Sequence[int], shape,
-                 attempts: Sequence[int] | None = None):
-        self.shape = tuple(shape)
-        attempts = [0] * len(indices) if attempts is None else attempts
-        self.generators = [torch.Generator().manual_seed(sample_seed(seed, int(y), int(k), int(a)))
-                           for y, k, a in zip(class_ids, indices, attempts, strict=True)]
-
-    def draw(self) -> torch.Tensor:
-        return torch.stack([torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators])
-
-
 def _as_tensor(x, device) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.to(device=device, dtype=torch.float32)
@@ -240,7 +199,7 @@ class GuidedSampler:
     def initial_noise(self, class_id: int, indices: Sequence[int]) -> torch.Tensor:
         """x_T for the given samples (CPU, float32): a pure function of (seed, class_id, k)."""
         indices = list(indices)
-        return _NoiseStreams(self.config.seed, [class_id] * len(indices), indices, self.prior.latent_shape).draw()
+        return NoiseStreams(self.config.seed, [class_id] * len(indices), indices, self.prior.latent_shape).draw()
 
     # ------------------------------------------------------------------ model
     def _autocast(self):
@@ -399,7 +358,7 @@ class GuidedSampler:
     def _sample_chunk(self, class_ids, chunk, centroids, basis_set, basis_index, noise, step_callback,
                       attempts=None):
         cfg, sched = self.config, self.schedule
-        streams = _NoiseStreams(cfg.seed, class_ids, chunk, self.prior.latent_shape, attempts)
+        streams = NoiseStreams(cfg.seed, class_ids, chunk, self.prior.latent_shape, attempts)
         x_T = streams.draw()  # always drawn, so the step noise stream is the same with or without `noise`
         x = (x_T if noise is None else noise.detach().cpu().float()).to(self.device)
         labels = torch.as_tensor(class_ids, dtype=torch.long, device=self.device)
