@@ -3,7 +3,7 @@ GPUs, so the autoscaler adds GPU nodes; the run waits for them and runs there (n
 
 The cluster is Ray's fake multi-node provider on this machine, the one ``ray.cluster_utils.AutoscalingCluster``
 drives: a real autoscaler (monitor) process that launches a real raylet per node it decides to add. The GPUs
-are logical (no CUDA here): with ``MANIFOLDGD_TEST_LOGICAL_GPUS`` set, the VAE and sampling actors that see no
+are logical (no CUDA here): with ``MANIFOLDGD_LOGICAL_GPUS`` set, the VAE and sampling actors that see no
 CUDA device run on CPU and say so (without it, runtime.device=cuda fails there: tests/test_device.py).
 
 ``AutoscalingCluster`` itself is not used, for two reasons found in Ray 2.60.0:

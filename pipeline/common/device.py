@@ -30,9 +30,10 @@ from pipeline.common.log import get_logger
 MIN_DRIVER = {13: "580.65.06", 12: "525.60.13", 11: "450.80.02"}
 DRIVER_FILE = "/proc/driver/nvidia/version"
 _MARK = "DeviceUnavailableError: "
-# Test-only: the GPUs Ray declares here are logical (``ray.init(num_gpus=1)``, a fake autoscaling cluster), so
-# runtime.device=cuda warns and runs on CPU as auto does, instead of failing. Read in each worker.
-LOGICAL_GPUS_ENV = "MANIFOLDGD_TEST_LOGICAL_GPUS"
+# For rehearsing GPU scheduling on machines without GPUs (Ray's logical GPUs: ``ray.init(num_gpus=1)``, a fake
+# autoscaling cluster; used by the tests): when set, runtime.device=cuda warns and runs on CPU as auto does,
+# instead of failing. Read in each worker; documented in docs/pipeline.md.
+LOGICAL_GPUS_ENV = "MANIFOLDGD_LOGICAL_GPUS"
 _warned: set[str] = set()  # warning lines this worker process has logged already
 
 
