@@ -158,7 +158,14 @@ def test_logical_gpu_run_records_devices_per_stage_and_cuda_fails_with_one_line(
             for r in records:  # given the logical GPU, ran on CPU, said why
                 assert r["gpu_ids"] == ["0"] and r["device"] == "cpu" and r["requested"] == "auto", (stage, r)
                 assert f"{stage}: Ray gave this worker GPU(s) 0" in r["fallback"], (stage, r)
-        assert "warning: sample:" in capsys.readouterr().out  # the driver's summary line
+        printed = capsys.readouterr().out
+        assert "warning: sample:" in printed  # the driver's summary line
+        # the folder says where its bytes came from, not what was asked: a resume that would use the
+        # (logical) GPU is refused rather than mixing two devices' bytes
+        assert json.loads((tmp_path / "auto" / "_work" / "device.json").read_text()) == {"device": "cpu"}
+        assert "asked for cuda but its workers ran on cpu" in printed
+        assert main(_distill_args(data, tmp_path / "auto", tiny_prior, "cuda")) == 2
+        assert "was made on cpu and this run would use cuda" in capsys.readouterr().err
 
         capsys.readouterr()
         assert main(_distill_args(data, tmp_path / "cuda", tiny_prior, "cuda")) == 1
@@ -197,3 +204,23 @@ def test_cuda_plan_tasks_and_sampling_actors_fail_on_a_gpu_they_cannot_use(tmp_p
         assert line.startswith("plan: Ray gave this worker GPU(s) 0 on node ") and "CuPy" in line, line
     finally:
         ray.shutdown()
+
+
+def test_used_device_kind_is_what_the_torch_stages_really_ran_on(tmp_path):
+    from pipeline.common.outputs import OutputDir
+    from pipeline.distill.run import restamp_device, used_device_kind
+
+    def rec(device):
+        return {"device": device}
+
+    assert used_device_kind({"encode": [], "plan": [rec("cpu")], "sample": []}) is None  # plans alone: no torch
+    assert used_device_kind({"encode": [rec("cuda:0")], "sample": [rec("cuda:1")]}) == "cuda"
+    assert used_device_kind({"encode": [rec("cpu")], "sample": [rec("cpu")]}) == "cpu"
+    assert used_device_kind({"encode": [rec("cuda:0")], "sample": [rec("cpu")]}) == "mixed"
+    out = OutputDir(str(tmp_path / "out"))
+    out.work.mkdir(parents=True)
+    out.stamp_device("cuda")
+    assert restamp_device(out, "cuda", {"sample": [rec("cuda:0")]}) == "cuda"
+    assert json.loads((out.work / "device.json").read_text()) == {"device": "cuda"}
+    assert restamp_device(out, "cuda", {"sample": [rec("cpu")]}) == "cpu"  # fell back: stamped as it ran
+    assert json.loads((out.work / "device.json").read_text()) == {"device": "cpu"}

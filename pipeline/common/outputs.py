@@ -165,6 +165,10 @@ class OutputDir:
                     f"with --set runtime.device={previous}, or choose another --out, or pass --overwrite")
             self.clear()
             self.prepare(cfg, overwrite=False)
+        self.stamp_device(kind)
+
+    def stamp_device(self, kind: str) -> None:
+        """Record the kind of device the folder's bytes come from (``check_device`` compares against it)."""
         atomic_write_json(self.work / "device.json", {"device": kind})
 
     def clear(self) -> None:

@@ -247,6 +247,27 @@ def warn_fallbacks(devices: dict) -> None:
                 f"(run.json 'devices'); first: {fell[0]['fallback']}")
 
 
+def used_device_kind(devices: dict) -> str | None:
+    """The kind of device the torch stages' workers of this run really used (``cuda``, ``cpu``, ``mixed``), or
+    None when they computed nothing this run (a resume that found the work done)."""
+    kinds = {"cuda" if str(r["device"]).startswith("cuda") else "cpu"
+             for stage in ("encode", "sample") for r in devices.get(stage, [])}
+    return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def restamp_device(out: OutputDir, kind: str, devices: dict) -> str:
+    """When workers fell back to CPU (runtime.device=auto on a GPU torch cannot use), stamp the folder with the
+    kind they really used, so that a resume on the other kind is refused rather than mixing two devices' bytes.
+    Returns the kind the folder is stamped with."""
+    used = used_device_kind(devices)
+    if used is None or used == kind:
+        return kind
+    out.stamp_device(used)
+    log(f"warning: this run asked for {kind} but its workers ran on {used}; the output folder is stamped {used}, "
+        "so a resume on another kind of device is refused (docs/pipeline.md, Devices)")
+    return used
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -282,12 +303,14 @@ def run_stages(cfg: DistillConfig, listing, *, overwrite: bool = False, actor_cl
         # After ray.init, which installs its own handler: SIGTERM (kubectl delete, a job timeout) unwinds
         # like Ctrl-C, so temp files are removed and the next run resumes.
         signal.signal(signal.SIGTERM, _raise_interrupt)
-    out.check_device(cfg, "cuda" if cfg.runtime.use_gpu(ray.cluster_resources().get("GPU", 0)) else "cpu", overwrite)
+    kind = "cuda" if cfg.runtime.use_gpu(ray.cluster_resources().get("GPU", 0)) else "cpu"
+    out.check_device(cfg, kind, overwrite)
     atomic_write_json(out.root / "classes.json", class_map_rows(listing))  # after check_device's clear
     timings["ray_init"] = time.perf_counter() - t0
 
     t = time.perf_counter()
     encode_stage(cfg, listing, out, image_size)
+    kind = restamp_device(out, kind, {"encode": encode_devices(out)})
     failures = decode_failures(out)
     n_quarantined = write_quarantine(out, listing, failures)
     counts = latent_counts(out)
@@ -312,6 +335,7 @@ def run_stages(cfg: DistillConfig, listing, *, overwrite: bool = False, actor_cl
         "devices": stage_devices(out, stage["plans"], stage["units"]),
     }
     warn_fallbacks(record["devices"])
+    restamp_device(out, kind, record["devices"])
     atomic_write_json(out.root / "run.json", record)
     log(f"done: {n_rows} images in {out.train} ({len(classes)} classes); "
         f"{n_quarantined} file(s) quarantined; {health['flagged']} flagged by the health check "
