@@ -208,7 +208,7 @@ def test_cuda_plan_tasks_and_sampling_actors_fail_on_a_gpu_they_cannot_use(tmp_p
 
 def test_used_device_kind_is_what_the_torch_stages_really_ran_on(tmp_path):
     from pipeline.common.outputs import OutputDir
-    from pipeline.distill.run import restamp_device, used_device_kind
+    from pipeline.distill.records import restamp_device, used_device_kind
 
     def rec(device):
         return {"device": device}

@@ -11,25 +11,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
-import torch
 
-from pipeline.common.device import DeviceUnavailableError, device_error_line, summarize
+from pipeline.common.device import DeviceUnavailableError, device_error_line
 from pipeline.common.log import get_logger
-from pipeline.common.outputs import OutputDir, atomic_write_json, atomic_write_table
+from pipeline.common.outputs import OutputDir, atomic_write_json
 from pipeline.common.ray_start import init_ray
 from pipeline.config import (
     ConfigError,
@@ -44,6 +39,17 @@ from pipeline.config import (
 from pipeline.distill.encode import decode_failures, encode_devices, encode_stage, latent_counts
 from pipeline.distill.health import health_summary
 from pipeline.distill.plan import plan_stage, submit_plans
+from pipeline.distill.records import (
+    TIMINGS_COVER,
+    class_map_rows,
+    hardware,
+    restamp_device,
+    stage_devices,
+    versions,
+    warn_fallbacks,
+    write_manifest,
+    write_quarantine,
+)
 from pipeline.distill.sample import ClassSampler
 from pipeline.distill.schedule import UnitFailedError, sample_stage
 from pipeline.inputs.sources import builtin_names, list_source
@@ -173,101 +179,6 @@ def check_label_ids(listing, num_classes: int | None) -> None:
 
 
 # ------------------------------------------------------------------------------------ the run
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("manifoldgd", "torch", "ray", "diffusers", "numpy", "pyarrow", "scikit-learn", "pillow"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def hardware() -> dict:
-    res = ray.cluster_resources()
-    return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": res.get("CPU", 0),
-            "gpus": res.get("GPU", 0), "driver_platform": platform.platform(),
-            "driver_cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def write_quarantine(out: OutputDir, listing, failures) -> int:
-    rows = sorted(listing.rejected) + list(failures)
-    atomic_write_table(out.root / "quarantine.parquet",
-                       pa.table({"path": [r[0] for r in rows], "reason": [r[1] for r in rows]},
-                                schema=pa.schema([("path", pa.string()), ("reason", pa.string())])))
-    return len(rows)
-
-
-def write_manifest(out: OutputDir, classes: list[str], listing) -> int:
-    """manifest.parquet: the classes' manifest parts, plus ``source_label`` (each row's original label)."""
-    parts = [pq.read_table(out.manifest_part(c)) for c in classes if out.manifest_part(c).exists()]
-    if not parts:
-        return 0
-    table = pa.concat_tables(parts)
-    source = [listing.source_label(c) for c in table.column("class").to_pylist()]
-    table = table.add_column(table.schema.get_field_index("class") + 1, "source_label",
-                             pa.array(source, type=pa.string()))
-    atomic_write_table(out.root / "manifest.parquet", table)
-    return table.num_rows
-
-
-def class_map_rows(listing) -> list[dict]:
-    """One row per class, in label order: folder name, label id, original label (what classes.json holds)."""
-    return [{"class": c, "label": int(listing.labels[c]), "source_label": listing.source_label(c)}
-            for c in sorted(listing.classes, key=lambda c: (listing.labels[c], c))]
-
-
-TIMINGS_COVER = {
-    "ray_init": "from the start of run() to Ray being up (model check and output folder included)",
-    "encode": "stage 1, wall: encode, quarantine list, latent counts",
-    "plan": "stage 2 span: from submitting the plan tasks to the last plan result (overlaps 'sample')",
-    "sample": "stage 3 span: from requesting the first sampling actor to the last unit done (model loads "
-              "included; overlaps 'plan')",
-    "plan_sample_overlap": "seconds during which both spans ran (plan + sample - overlap <= plan_and_sample)",
-    "plan_and_sample": "wall time of stages 2 and 3 together, from submitting the plans to the last class "
-                       "finalized",
-    "total": "wall time of run(), manifest included",
-}
-
-
-def stage_devices(out: OutputDir, plans: list[dict], sampled: list[dict]) -> dict:
-    """Per stage, the device each worker actually used (one record per worker process: its node, pid, the GPU
-    ids Ray gave it, the device it ran on, and why it fell back to CPU if it did). Plans and units this run
-    did not compute (a resume) have no record."""
-    return {"encode": encode_devices(out), "plan": summarize(p.get("worker") for p in plans),
-            "sample": summarize(r.get("worker") for r in sampled)}
-
-
-def warn_fallbacks(devices: dict) -> None:
-    """One driver line per stage whose workers were given a GPU but ran on CPU (runtime.device=auto)."""
-    for stage, records in devices.items():
-        fell = [r for r in records if r.get("fallback")]
-        if fell:
-            log(f"warning: {stage}: {len(fell)} of {len(records)} worker(s) were given a GPU but ran on CPU "
-                f"(run.json 'devices'); first: {fell[0]['fallback']}")
-
-
-def used_device_kind(devices: dict) -> str | None:
-    """The kind of device the torch stages' workers of this run really used (``cuda``, ``cpu``, ``mixed``), or
-    None when they computed nothing this run (a resume that found the work done)."""
-    kinds = {"cuda" if str(r["device"]).startswith("cuda") else "cpu"
-             for stage in ("encode", "sample") for r in devices.get(stage, [])}
-    return None if not kinds else kinds.pop() if len(kinds) == 1 else "mixed"
-
-
-def restamp_device(out: OutputDir, kind: str, devices: dict) -> str:
-    """When workers fell back to CPU (runtime.device=auto on a GPU torch cannot use), stamp the folder with the
-    kind they really used, so that a resume on the other kind is refused rather than mixing two devices' bytes.
-    Returns the kind the folder is stamped with."""
-    used = used_device_kind(devices)
-    if used is None or used == kind:
-        return kind
-    out.stamp_device(used)
-    log(f"warning: this run asked for {kind} but its workers ran on {used}; the output folder is stamped {used}, "
-        "so a resume on another kind of device is refused (docs/pipeline.md, Devices)")
-    return used
-
-
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
