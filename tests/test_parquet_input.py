@@ -52,7 +52,7 @@ def test_class_shuffled_parquet_writes_one_latent_file_per_class(tmp_path, tiny_
             "--set", "tangent.neighbours=3", "--set", "tangent.dim=1", "--set", "runtime.encode_batch_size=2"]
     assert main(args) == 0
     latents = out / "_work" / "latents"
-    per_class = {d.name: len(list(d.glob("*.parquet"))) for d in latents.iterdir() if d.is_dir()}
+    per_class = {d.name: len(list(d.glob("*.parquet"))) for d in latents.iterdir() if d.name.startswith("class_name=")}
     assert per_class == {"class_name=0": 1, "class_name=1": 1, "class_name=2": 1}
     run = json.loads((out / "run.json").read_text())
     assert run["counts"]["encoded"] == 18 and run["counts"]["images"] == 3
