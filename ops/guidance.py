@@ -10,7 +10,7 @@ import math
 from ops.backend import array_module
 from ops.tangent import project
 
-GUIDANCE_MODES = ("none", "mode", "manifold")
+GUIDANCE_MODES = ("none", "mode", "manifold", "public")
 SIGMA_MODES = ("scalar", "elementwise")
 
 
@@ -22,13 +22,16 @@ def x0_from_eps(x_t, eps, alpha_bar):
     return (x_t - (1.0 - abar) ** 0.5 * eps) / abar ** 0.5
 
 
-def guidance_vector(mode: str, x0_hat, centroid, basis=None, normal_weight: float = 0.0):
+def guidance_vector(mode: str, x0_hat, centroid, basis=None, normal_weight: float = 0.0, pull: float = 0.1):
     """g for one guided step.
 
     - ``none``: 0 (the DiT baseline).
     - ``mode`` (MGD3): c - x0_hat.
-    - ``manifold`` (ManifoldGD): U U^T (c - x0_hat) + normal_weight (I - U U^T)(c - x0_hat);
+    - ``manifold`` (ManifoldGD, the paper): U U^T (c - x0_hat) + normal_weight (I - U U^T)(c - x0_hat);
       normal_weight 0 is the strict tangent projection, 1 gives ``mode`` back exactly.
+    - ``public`` (the public ManifoldGD code's variant): the whole mode term, plus ``pull`` times the unit
+      vector from x0_hat toward the plane c + span(U): (c - x0_hat) + pull n / |n|, n = (I - U U^T)(c - x0_hat)
+      (0 where n is 0). Nothing is projected away; the pull adds a fixed length ``pull``.
     """
     if mode not in GUIDANCE_MODES:
         raise ValueError(f"mode must be one of {GUIDANCE_MODES}, got {mode!r}")
@@ -38,7 +41,13 @@ def guidance_vector(mode: str, x0_hat, centroid, basis=None, normal_weight: floa
     if mode == "mode":
         return delta
     if basis is None:
-        raise ValueError("basis is required for manifold guidance")
+        raise ValueError(f"basis is required for {mode} guidance")
+    if mode == "public":
+        if pull < 0:
+            raise ValueError(f"pull must be >= 0, got {pull}")
+        normal = delta - project(delta, basis)
+        norm = ((normal * normal).sum(-1) ** 0.5)[:, None]
+        return delta + pull * normal / (norm + (norm == 0))  # a zero normal adds nothing
     if normal_weight < 0:
         raise ValueError(f"normal_weight must be >= 0, got {normal_weight}")
     if normal_weight == 1.0:
@@ -47,6 +56,36 @@ def guidance_vector(mode: str, x0_hat, centroid, basis=None, normal_weight: floa
     if normal_weight == 0.0:
         return tangent
     return tangent + normal_weight * (delta - tangent)
+
+
+def projects_at(alpha_bar: float, min_signal: float) -> bool:
+    """Whether a ``manifold`` step at this noise level projects (noise-aware projection): when the signal
+    coefficient of x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, sqrt(alpha_bar), is at least ``min_signal``.
+    Below it x_t is nearly all noise, the noised cloud around the data is nearly full-dimensional, and a
+    tangent space of clean latents is the wrong constraint: the step uses the whole mode term instead.
+    ``min_signal`` 0 projects at every step (the paper)."""
+    return float(alpha_bar) ** 0.5 >= min_signal
+
+
+def repulsion(x0_hat, groups):
+    """A diversity term among the rows of one batch: row r is pushed away from the other rows of its group
+    (its class), r_r = x0_r - sum_s w_rs x0_s, with w_rs = k_rs / sum_s' k_rs' over the group's other rows,
+    k_rs = exp(-|x0_r - x0_s|^2 / h_r^2), h_r^2 = the mean of those squared distances: the nearest sample
+    weighs most, and r_r has the scale of the distances between samples. A row alone in its group gets 0.
+
+    ``x0_hat``: (B, D) flattened; ``groups``: (B,) integer labels, the same array type. Arithmetic only
+    (numpy, CuPy, torch). A sum over the batch: each row's term depends on which rows share its batch.
+    """
+    diff = x0_hat[:, None, :] - x0_hat[None, :, :]
+    d2 = (diff * diff).sum(-1)  # (B, B), exactly 0 on the diagonal, so k_rr = 1 exactly
+    same = (groups[:, None] == groups[None, :]) * 1.0
+    others = same.sum(-1) - 1.0
+    h2 = (d2 * same).sum(-1) / (others + (others == 0))
+    k = _exp(-d2 / (h2[:, None] + (h2[:, None] == 0))) * same
+    mass = k.sum(-1)[:, None]
+    total = mass - 1.0  # the other rows' weight (the row's own k_rr = 1)
+    term = (x0_hat * mass - k @ x0_hat) / (total + (total <= 0))
+    return term * (others[:, None] > 0)
 
 
 def trust_region(g, scale: float, max_rms: float):

@@ -63,7 +63,8 @@ def choices_text(name: str) -> str:
 
 # (section, field) -> the default that reproduces the bytes made before the field existed: omitted from the
 # hash at that value, so the config hash of every existing run is unchanged (tests/test_cli.py).
-HASH_SKIPPED_DEFAULTS = {("sampler", "sigma"): "scalar", ("sampler", "trust_region"): 0.0}
+HASH_SKIPPED_DEFAULTS = {("sampler", "sigma"): "scalar", ("sampler", "trust_region"): 0.0,
+                         ("sampler", "pull"): 0.1, ("sampler", "project_min_signal"): 0.0, ("sampler", "repulsion"): 0.0}
 # The sample-health section (pipeline/distill/health.py, docs/health.md): hashed like any field, but left out at
 # its defaults (a section left empty is dropped), so folders made before the check existed still resume.
 HASH_SKIPPED_DEFAULTS.update({("health", "threshold"): 4.0, ("health", "policy"): "regenerate",
@@ -125,7 +126,7 @@ class SamplerSection:
     train_steps: int = 1000
     cfg_scale: float = 4.0
     cfg_channels: str = "dit"   # dit: first 3 latent channels, as DiT | all: as diffusers' DiTPipeline
-    guidance: str = "manifold"  # none (DiT) | mode (MGD3) | manifold (ManifoldGD): CHOICES["sampler.guidance"]
+    guidance: str = "manifold"  # none (DiT) | mode (MGD3) | manifold (ManifoldGD) | public: CHOICES["sampler.guidance"]
     guidance_scale: float = 0.1  # lambda
     t_stop: int = 25            # guided while the respaced step index i > t_stop (i = num_steps-1 .. 0)
     normal_weight: float = 0.0
@@ -137,6 +138,16 @@ class SamplerSection:
     # > 0: a trust region on the guided step: lambda g is scaled down, per sample, to at most this RMS per
     # coordinate, so one guided step moves x_t by at most trust_region noise std's (docs/health.md). 0 = off.
     trust_region: float = 0.0
+    # public guidance (the public ManifoldGD code's variant): the length of the unit pull toward the tangent
+    # plane added to the whole mode term (ops/guidance.py; docs/method.md section 7).
+    pull: float = 0.1
+    # manifold guidance: project onto the tangent space only at steps whose signal coefficient sqrt(abar) is at
+    # least this (noise-aware projection); below it the step uses the whole mode term. 0 = every step (the
+    # paper). On DiT's 50 steps sqrt(abar) is 0.006 at i = 49, 0.06 at i = 37, 0.19 at i = 28, 0.8 at i = 10.
+    project_min_signal: float = 0.0
+    # > 0: a diversity term among the samples of a class sampled together, added to g with this weight
+    # (ops/guidance.py:repulsion). Couples the rows of a batch: their bytes depend on the batch cut (hashed).
+    repulsion: float = 0.0
     # Samples per model call (CFG doubles it). Hashed: BLAS picks kernels by batch size, so another
     # max_batch can move a pixel by one grey level; a rerun must use the same value to resume bytes.
     max_batch: int = 64
@@ -360,7 +371,7 @@ def _check_sampler(s: SamplerSection) -> None:
         raise ConfigError("sampler.num_steps", f"must be in [1, train_steps={s.train_steps}], got {s.num_steps}")
     if not 0 <= s.t_stop <= s.num_steps:
         raise ConfigError("sampler.t_stop", f"must be in [0, num_steps={s.num_steps}], got {s.t_stop}")
-    for name in ("cfg_scale", "guidance_scale", "normal_weight", "trust_region"):
+    for name in ("cfg_scale", "guidance_scale", "normal_weight", "trust_region", "pull", "project_min_signal", "repulsion"):
         if getattr(s, name) < 0:
             raise ConfigError(f"sampler.{name}", f"must be >= 0, got {getattr(s, name)}")
     if s.max_batch <= 0:

@@ -43,7 +43,7 @@ from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atom
 from pipeline.config import build_config
 from pipeline.distill.health import HEALTH_COLUMNS, HealthCheck
 from pipeline.models.refs import load_model
-from pipeline.models.sampler import GuidedSampler, SamplerConfig
+from pipeline.models.sampler import BASIS_MODES, GuidedSampler, SamplerConfig
 
 log = get_logger().info
 
@@ -163,7 +163,7 @@ class ClassSampler:
             return None, None, None
         plans = [self._plan(c) for c, _, _ in rows]
         centroids = np.stack([p["centroids"][k] for p, (_, _, k) in zip(plans, rows)])
-        if guidance != "manifold":
+        if guidance not in BASIS_MODES:
             return centroids, None, None
         sets, index, offset = [], [], 0
         for p, (_, _, k) in zip(plans, rows):

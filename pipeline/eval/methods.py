@@ -25,12 +25,18 @@ METHODS = {m.name: m for m in (
     Method("manifold", "manifold + level-wise, no annealing", "distill", "manifold", "divisive",
            ("tangent.max_multiplier=1",)),
     Method("manifoldgd", "ManifoldGD", "distill", "manifold", "divisive"),
+    # Beyond the paper (docs/method.md section 7): the public code's variant and two new guidance options.
+    Method("public", "public-code variant (mode term + unit pull)", "distill", "public", "divisive"),
+    Method("noiseaware", "ManifoldGD, projected only at low noise", "distill", "manifold", "divisive",
+           ("sampler.project_min_signal=0.1",)),
+    Method("repel", "MGD3 + within-class repulsion", "distill", "mode", "kmeans", ("sampler.repulsion=0.3",)),
 )}
 MAIN = ("random", "kmeans_real", "dit", "mgd3", "manifoldgd")
 # docs/method.md section 6: k-means -> divisive -> divisive level-wise -> + manifold guidance -> + radius annealing
 LADDER = (("k-means", "mgd3"), ("divisive", "divisive"), ("divisive level-wise", "levelwise"),
           ("+ manifold guidance", "manifold"), ("+ radius annealing (= ManifoldGD)", "manifoldgd"))
-ALIASES = {"ladder": [m for _, m in LADDER], "main": list(MAIN), "all": list(METHODS)}
+OPTIONS = ("public", "noiseaware", "repel")
+ALIASES = {"ladder": [m for _, m in LADDER], "main": list(MAIN), "options": list(OPTIONS), "all": list(METHODS)}
 
 
 def parse_variants(items: list[str]) -> dict[str, Method]:

@@ -67,7 +67,8 @@ def draws(space: Space, budget: int, seed: int) -> list[dict]:
     """The published setting, then ``budget - 1`` distinct other grid points, drawn as a seeded Latin
     hypercube over the grid: each knob's values are repeated to ``budget - 1`` entries and shuffled
     independently, so every value of every knob is tried at least ``(budget - 1) // len(values)`` times
-    (a plain random draw can miss a value altogether). A draw with a repeated point is redrawn."""
+    (a plain random draw can miss a value altogether; with fewer draws than values, a random subset of the
+    values is tried once each). A draw with a repeated point is redrawn."""
     published = expand(space.published)
     n = budget - 1
     size = 1
@@ -79,6 +80,8 @@ def draws(space: Space, budget: int, seed: int) -> list[dict]:
     for _ in range(10_000):
         columns = []
         for values in space.grid.values():
+            if n < len(values):  # fewer draws than values: which values are tried is drawn too
+                values = rng.sample(list(values), len(values))
             column = [values[i % len(values)] for i in range(n)]
             rng.shuffle(column)
             columns.append(column)

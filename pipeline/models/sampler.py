@@ -42,7 +42,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ops.guidance import guidance_sigma, guidance_vector, guided_mean, trust_region, x0_from_eps
+from ops.guidance import (
+    guidance_sigma,
+    guidance_vector,
+    guided_mean,
+    projects_at,
+    repulsion,
+    trust_region,
+    x0_from_eps,
+)
 from ops.schedule import (
     SPACINGS,
     Schedule,
@@ -57,6 +65,7 @@ from pipeline.models.loading import Prior
 from pipeline.models.noise import NoiseStreams
 
 DIT_CFG_CHANNELS = 3  # DiT's forward_with_cfg guides the first 3 of 4 latent channels
+BASIS_MODES = ("manifold", "public")  # guidance modes that take tangent bases
 
 
 @dataclass
@@ -128,6 +137,10 @@ class GuidanceState:
     scale: float
     normal_weight: float = 0.0
     trust_region: float = 0.0  # > 0: ops.guidance.trust_region on g
+    pull: float = 0.1  # public: the length of its pull toward the tangent plane
+    project_min_signal: float = 0.0  # manifold: project only where the signal sqrt(abar) >= this
+    repulsion: float = 0.0  # > 0: + repulsion x ops.guidance.repulsion among the rows of one class
+    groups: torch.Tensor | None = None  # (n,) class of each row, for the repulsion
 
 
 def denoise_step(
@@ -166,8 +179,14 @@ def denoise_step(
         mean = a * x0_hat + b * eps
     new_mean = mean
     if guidance is not None:
-        g = guidance_vector(guidance.mode, x0_hat.flatten(1), guidance.centroids, guidance.basis,
-                            guidance.normal_weight)
+        x0_flat = x0_hat.flatten(1)
+        mode = guidance.mode
+        if mode == "manifold" and not projects_at(abar, guidance.project_min_signal):
+            mode = "mode"  # noise-aware projection: the whole mode term while x_t is nearly all noise
+        g = guidance_vector(mode, x0_flat, guidance.centroids, guidance.basis, guidance.normal_weight,
+                            guidance.pull)
+        if guidance.repulsion > 0:
+            g = g + guidance.repulsion * repulsion(x0_flat, guidance.groups)
         g = trust_region(g, guidance.scale, guidance.trust_region)
         new_mean = guided_mean(mean, sigma, g.view_as(x_t), guidance.scale)
     adds_noise = sampler == "ddpm" and i > 0
@@ -248,7 +267,7 @@ class GuidedSampler:
         if cfg.guidance == "mode":
             return c, None, None
         if bases is None or basis_index is None:
-            raise ValueError("manifold guidance needs tangent bases (B, D, d) and a basis index (n, S)")
+            raise ValueError(f"{cfg.guidance} guidance needs tangent bases (B, D, d) and a basis index (n, S)")
         u = _as_tensor(bases, self.device)
         d_lat, n_guided = self.prior.latent_dim, cfg.num_guided_steps
         if u.ndim != 3 or u.shape[1] != d_lat:
@@ -299,9 +318,9 @@ class GuidedSampler:
         indices = [int(k) for k in indices]
         n = len(indices)
         basis_set, basis_index = (None, None)
-        if self.config.guidance == "manifold":
+        if self.config.guidance in BASIS_MODES:
             if bases is None:
-                raise ValueError("manifold guidance needs tangent bases (n, D, d) or (n, S, D, d)")
+                raise ValueError(f"{self.config.guidance} guidance needs tangent bases (n, D, d) or (n, S, D, d)")
             basis_set, basis_index = self.compact_bases(bases, n, self.config.num_guided_steps)
         return self.sample_rows([class_id] * n, indices, centroids, basis_set, basis_index,
                                 noise=noise, step_callback=step_callback)
@@ -373,7 +392,7 @@ class GuidedSampler:
             if i in guided:
                 basis = None if basis_set is None else step_bases(basis_set, basis_index, j)
                 state = GuidanceState(cfg.guidance, centroids, basis, cfg.guidance_scale, cfg.normal_weight,
-                                      cfg.trust_region)
+                                      cfg.trust_region, cfg.pull, cfg.project_min_signal, cfg.repulsion, labels)
             step = denoise_step(sched, i, x, eps, var_values, sampler=cfg.sampler, noise=z, guidance=state,
                                 sigma_mode=cfg.sigma)
             if step_callback is not None:

@@ -1,0 +1,271 @@
+"""The tuned ablation ladder and the guidance options beyond the paper, chosen on val with enough seeds.
+
+    python -m pipeline.eval.ladder run    --ipc 10 --out runs/ladder_ipc10   # screen every setting, confirm the top 3
+    python -m pipeline.eval.ladder choose --ipc 10 --out runs/ladder_ipc10 \\
+        --results docs/results/mnist10k_ladder_ipc10.json                   # each method's winner, from val alone
+    python -m pipeline.eval.ladder report --results docs/results/mnist10k_ladder_ipc10.json --into docs/evaluation.md
+    python -m pipeline.eval.ladder score  --results docs/results/mnist10k_ladder_ipc10.json \\
+        --out runs/ladder_test                                              # the winners, once, on test seeds 0-4
+
+Every method (each rung of the ladder: DiT, MGD3, the divisive tree, level-wise selection, the tangent
+projection, radius annealing; the public code's variant; the new options) gets the same budget of
+settings: a starting setting (the published one where there is one) plus ``budget - 1`` more of its own
+grid, drawn as a seeded Latin hypercube (``pipeline.eval.tune.draws``). Every setting names every knob
+that a built-in prior's tuned defaults could change, so no score depends on a defaults file.
+
+Selection, on the ``val`` split only:
+1. screen: every setting with the screening seeds (2 by default);
+2. confirm: the top ``top`` settings of each method by screening mean get the confirming seeds too (3 more,
+   5 in all);
+3. choose: each method's winner is the confirmed setting with the highest mean over all its seeds (ties:
+   the earlier draw, the starting setting first).
+IPC 1 is tuned on its own (``--ipc 1``, its own folder and results file). ``score`` then runs each
+winner once on the test split with seeds 0-4, into a results file of its own: test scores choose nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.eval.benchmark_options import parse_seeds
+from pipeline.eval.cells import cell_path
+from pipeline.eval.results import rewrite_blocks
+from pipeline.eval.stats import mean_std
+from pipeline.eval.tune import STUDENT, Space, draws, expand, variant_args
+
+MODE = {"sampler.guidance_scale": 0.1, "sampler.t_stop": 25, "sampler.trust_region": 0.0}
+MODE_GRID = {"sampler.guidance_scale": (0.2, 0.3, 0.5), "sampler.t_stop": (10, 25, 35)}
+TANGENT = tuple({"tangent.dim": d, "tangent.neighbours": k} for d, k in ((8, 24), (16, 48), (32, 64)))
+# The published ManifoldGD setting, every knob the shipped prior's defaults touch named (trust region 1:
+# chosen on val for the shipped prior, docs/health.md; it keeps large lambdas from diverging).
+MANIFOLD = {"sampler.guidance_scale": 0.1, "sampler.t_stop": 25, "tangent.dim": 3, "tangent.neighbours": 12,
+            "sampler.normal_weight": 0.0, "tangent.max_multiplier": 2, "tangent.schedule": "exp",
+            "sampler.trust_region": 1.0}
+MANIFOLD_GRID = {"sampler.guidance_scale": (0.2, 0.3, 0.5), "tangent.dim+neighbours": TANGENT,
+                 "sampler.normal_weight": (0.0, 0.25, 0.5)}
+SPACES = {sp.base: sp for sp in (
+    Space("dit", "dit", {"sampler.cfg_scale": 4.0}, {"sampler.cfg_scale": (1.5, 2.0, 3.0, 6.0)}),
+    Space("mgd3", "mgd3", MODE, MODE_GRID),
+    Space("divisive", "div", MODE, MODE_GRID),
+    Space("levelwise", "lvl", MODE, MODE_GRID),
+    Space("manifold", "mfd", {**MANIFOLD, "tangent.max_multiplier": 1}, MANIFOLD_GRID),
+    Space("manifoldgd", "mgd", MANIFOLD, MANIFOLD_GRID),
+    Space("public", "pub", {**MODE, "sampler.pull": 0.1, "tangent.dim": 3, "tangent.neighbours": 12,
+                            "tangent.max_multiplier": 2, "tangent.schedule": "exp"},
+          {**MODE_GRID, "sampler.pull": (1.0, 4.0, 16.0)}),
+    Space("noiseaware", "nap", {**MANIFOLD, "sampler.t_stop": 10, "sampler.project_min_signal": 0.2},
+          {"sampler.guidance_scale": (0.2, 0.3, 0.5), "tangent.dim+neighbours": TANGENT,
+           "sampler.project_min_signal": (0.1, 0.3, 0.5)}),
+    Space("repel", "rep", {**MODE, "sampler.repulsion": 0.3},
+          {**MODE_GRID, "sampler.repulsion": (0.1, 0.3, 1.0)}),
+)}
+# The ladder's rungs in order, and what each adds to the one before.
+RUNGS = (("dit", "DiT, no guidance"), ("mgd3", "+ mode guidance toward k-means centroids (MGD3)"),
+         ("divisive", "+ divisive tree (branching 1)"), ("levelwise", "+ level-wise IPC selection"),
+         ("manifold", "+ tangent projection (no annealing)"), ("manifoldgd", "+ radius annealing (= ManifoldGD)"))
+OPTIONS = (("public", "the public code's variant: mode term + unit pull"),
+           ("noiseaware", "noise-aware projection (project only at signal >= s_min)"),
+           ("repel", "MGD3 + within-class repulsion"))
+DEFAULTS = {"budget": 4, "seed": 0, "ipc": 10, "screen": "10-11", "confirm": "12-14", "top": 3,
+            "test": "mnist10k:val", "data": "mnist10k"}
+SCORE_SEEDS = "0-4"
+
+
+def variant_name(space: Space, i: int) -> str:
+    return f"{space.prefix}_t{i:02d}"
+
+
+def variants(budget: int, seed: int, methods: list[str] | None = None) -> dict[str, tuple[str, dict]]:
+    """Variant name -> (base method, settings), for every (or the named) method's draws."""
+    return {variant_name(sp, i): (sp.base, s) for name, sp in SPACES.items() if methods is None or name in methods
+            for i, s in enumerate(draws(sp, budget, seed))}
+
+
+@dataclass(frozen=True)
+class LadderOptions:
+    """One `python -m pipeline.eval.ladder` command, typed (``DEFAULTS`` are its protocol fields)."""
+
+    action: str                     # run | choose | report | score
+    out: str = "runs/ladder_ipc10"
+    budget: int = DEFAULTS["budget"]
+    seed: int = DEFAULTS["seed"]
+    ipc: int = DEFAULTS["ipc"]
+    screen: str = DEFAULTS["screen"]
+    confirm: str = DEFAULTS["confirm"]
+    top: int = DEFAULTS["top"]
+    test: str = DEFAULTS["test"]
+    data: str = DEFAULTS["data"]
+    methods: str = ""               # comma-separated spaces to run (empty: all)
+    results: str | None = None
+    into: tuple[str, ...] = ()
+
+    def protocol(self) -> dict:
+        return {k: getattr(self, k) for k in DEFAULTS}
+
+    def method_list(self) -> list[str]:
+        names = [m.strip() for m in self.methods.split(",") if m.strip()] or list(SPACES)
+        unknown = [m for m in names if m not in SPACES]
+        if unknown:
+            raise ValueError(f"--methods: unknown {', '.join(unknown)}; methods: {', '.join(SPACES)}")
+        return names
+
+
+def benchmark_argv(opts: LadderOptions, table: dict[str, tuple[str, dict]], seeds: str, test: str | None = None,
+                   out: str | None = None) -> list[str]:
+    return ["benchmark", "--data", opts.data, "--test", test or opts.test, "--out", out or opts.out,
+            "--ipc", str(opts.ipc), "--seeds", seeds, "--methods", "", *STUDENT, *variant_args(table)]
+
+
+def scores(out: Path, name: str, ipc: int, seeds: list[int], arch: str = "convnet") -> dict[int, float]:
+    """Seed -> final top-1 (%) of a variant's finished cells."""
+    cells = [json.loads(p.read_text()) for s in seeds if (p := cell_path(out, name, ipc, s, arch)).exists()]
+    return {int(c["seed"]): round(100 * c["student"]["final_top1"], 2) for c in cells}
+
+
+def shortlist(out: Path, table: dict[str, tuple[str, dict]], ipc: int, screen: list[int], top: int) -> dict:
+    """Per method, its settings ranked by screening mean (best first; ties keep the earlier draw) and the top
+    ``top`` of them; a method with a missing screening cell has no shortlist yet."""
+    ranked: dict[str, list[str]] = {}
+    complete: dict[str, bool] = {}
+    for name, (base, _) in table.items():
+        got = scores(out, name, ipc, screen)
+        complete[base] = complete.get(base, True) and len(got) == len(screen)
+        ranked.setdefault(base, []).append((name, sum(got.values()) / max(len(got), 1)))
+    return {base: [n for n, _ in sorted(rows, key=lambda r: -r[1])][:top]
+            for base, rows in ranked.items() if complete[base]}
+
+
+def choose(out: Path, table: dict[str, tuple[str, dict]], ipc: int, screen: list[int], confirm: list[int],
+           top: int) -> dict:
+    """Every setting's val scores (per seed, screening mean, and all-seed mean for the shortlisted), and each
+    method's winner: the shortlisted setting with the best mean over screening + confirming seeds."""
+    short = shortlist(out, table, ipc, screen, top)
+    seeds = screen + confirm
+    settings: dict[str, list[dict]] = {}
+    chosen = {}
+    for name, (base, values) in table.items():
+        got = scores(out, name, ipc, seeds)
+        row = {"variant": name, "settings": values, "per_seed": {str(s): v for s, v in sorted(got.items())},
+               "screen": mean_std([got.get(s) for s in screen]), "shortlisted": name in short.get(base, []),
+               "all": mean_std([got.get(s) for s in seeds]) if name in short.get(base, []) else None}
+        settings.setdefault(base, []).append(row)
+    for base, rows in settings.items():
+        finalists = [r for r in rows if r["shortlisted"]]
+        if base in short and finalists and all(r["all"]["n"] == len(seeds) for r in finalists):
+            best = max(finalists, key=lambda r: r["all"]["mean"])  # max keeps the first of ties
+            chosen[base] = {k: best[k] for k in ("variant", "settings", "all", "screen")}
+    return {"settings": settings, "chosen": chosen}
+
+
+def ladder_markdown(result: dict) -> str:
+    """The ladder and the options: each method's chosen setting and its val mean +- std over all seeds; then
+    every setting tried, per method, with its per-seed scores."""
+    proto = result["protocol"]
+    seeds = parse_seeds(proto["screen"]) + parse_seeds(proto["confirm"])
+    lines = [f"Made by `{result['command']}` (then `choose`); students `{result['student']}`, hard labels; "
+             f"scored on `{proto['test']}`, IPC {proto['ipc']}; {proto['budget']} settings per method, each "
+             f"screened with seeds {proto['screen']}, the top {proto['top']} of each method confirmed with "
+             f"seeds {proto['confirm']}.", "",
+             f"| rung / option | chosen setting | val top-1, mean +- std over {len(seeds)} seeds |", "| --- | --- | --- |"]
+    for base, label in (*RUNGS, *OPTIONS):
+        ch = result["chosen"].get(base)
+        if base not in result["settings"]:
+            continue
+        if ch is None:
+            lines.append(f"| {label} | (not finished) | - |")
+            continue
+        start = expand(SPACES[base].published)
+        changed = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in ch["settings"].items() if start.get(k) != v)
+        lines.append(f"| {label} | {ch['variant']}: {changed or 'the starting setting'} | "
+                     f"{ch['all']['mean']:.2f} +- {ch['all']['std']:.2f} |")
+    lines.append("")
+    for base, rows in result["settings"].items():
+        knobs = list(expand(SPACES[base].published))
+        lines += [f"{base}: " + ", ".join(f"{k} {v}" for k, v in expand(SPACES[base].published).items())
+                  + " (starting setting)", "",
+                  "| setting | " + " | ".join(k.split(".")[-1] for k in knobs) + " | val top-1 per seed | screen mean "
+                  "| all-seed mean |", "| --- |" + " --- |" * (len(knobs) + 3)]
+        chosen = result["chosen"].get(base, {}).get("variant")
+        for r in sorted(rows, key=lambda r: -(r["screen"]["mean"] or 0)):
+            name = f"**{r['variant']}, chosen**" if r["variant"] == chosen else r["variant"]
+            per = " / ".join(f"{v:.1f}" for _, v in sorted(r["per_seed"].items(), key=lambda kv: int(kv[0])))
+            screen = "-" if r["screen"]["mean"] is None else f"{r['screen']['mean']:.2f}"
+            every = "-" if not r["all"] or r["all"]["mean"] is None else f"{r['all']['mean']:.2f}"
+            lines.append(f"| {name} | " + " | ".join(str(r["settings"][k]) for k in knobs)
+                         + f" | {per} | {screen} | {every} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def winners_table(result: dict) -> dict[str, tuple[str, dict]]:
+    """The chosen settings as variants named ``<method>_val``, for the test run."""
+    return {f"{base}_val": (base, ch["settings"]) for base, ch in result["chosen"].items()}
+
+
+def parse_options(argv: list[str] | None = None) -> LadderOptions:
+    p = argparse.ArgumentParser(prog="python -m pipeline.eval.ladder", description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=("run", "choose", "report", "score"),
+                   help="run = screen then confirm; choose = winners from the cells; report = tables from --results; "
+                   "score = the winners on the test split, seeds 0-4")
+    p.add_argument("--out", default="runs/ladder_ipc10")
+    for key, value in DEFAULTS.items():
+        p.add_argument(f"--{key}", type=type(value), default=value)
+    p.add_argument("--methods", default="", help=f"run: only these (comma-separated) of {', '.join(SPACES)}")
+    p.add_argument("--results", help="choose: write every setting's val scores and the winners here (JSON); "
+                   "report, score: read it")
+    p.add_argument("--into", action="append", default=[], metavar="FILE",
+                   help="rewrite the <!-- results:ladder_ipcN begin/end --> block of FILE")
+    args = p.parse_args(argv)
+    return LadderOptions(**{**vars(args), "into": tuple(args.into)})
+
+
+def run_ladder(opts: LadderOptions) -> int:
+    from pipeline.cli import main as cli_main  # noqa: PLC0415 (the CLI's command table is imported lazily)
+
+    methods = opts.method_list()
+    table = variants(opts.budget, opts.seed, methods)
+    screen, confirm = parse_seeds(opts.screen), parse_seeds(opts.confirm)
+    if opts.action == "run":
+        rc = cli_main(benchmark_argv(opts, table, opts.screen))
+        if rc:
+            return rc
+        short = shortlist(Path(opts.out), table, opts.ipc, screen, opts.top)
+        finalists = {n: table[n] for names in short.values() for n in names}
+        return cli_main(benchmark_argv(opts, finalists, opts.confirm)) if finalists else 0
+    if opts.action == "choose":
+        result = choose(Path(opts.out), table, opts.ipc, screen, confirm, opts.top)
+        result.update({"protocol": opts.protocol(), "student": " ".join(STUDENT),
+                       "command": "python -m pipeline.eval.ladder run "
+                       + " ".join(f"--{k} {v}" for k, v in opts.protocol().items())})
+    else:
+        result = json.loads(Path(opts.results).read_text())
+    if opts.action == "score":
+        proto = result["protocol"]
+        test = proto["test"].split(":")[0] + ":test"
+        return cli_main(["benchmark", "--data", proto["data"], "--test", test, "--out", opts.out,
+                         "--ipc", str(proto["ipc"]), "--seeds", SCORE_SEEDS, "--methods", "", *STUDENT,
+                         *variant_args(winners_table(result))])
+    text = ladder_markdown(result)
+    print(text)
+    if opts.action == "choose" and opts.results:
+        Path(opts.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(opts.results).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    for path in opts.into:
+        rewrite_blocks(Path(path), {f"ladder_ipc{result['protocol']['ipc']}": text})
+        print(f"rewrote the ladder block in {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        return run_ladder(parse_options(argv))
+    except ValueError as exc:
+        print(f"ladder: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
