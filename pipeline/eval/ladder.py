@@ -99,6 +99,7 @@ class LadderOptions:
     test: str = DEFAULTS["test"]
     data: str = DEFAULTS["data"]
     methods: str = ""               # comma-separated spaces to run (empty: all)
+    stage: str = "both"             # run: screen | confirm | both
     results: str | None = None
     into: tuple[str, ...] = ()
 
@@ -214,6 +215,8 @@ def parse_options(argv: list[str] | None = None) -> LadderOptions:
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), default=value)
     p.add_argument("--methods", default="", help=f"run: only these (comma-separated) of {', '.join(SPACES)}")
+    p.add_argument("--stage", choices=("screen", "confirm", "both"), default="both",
+                   help="run: the screening seeds, the confirming seeds of the shortlist (screening done), or both")
     p.add_argument("--results", help="choose: write every setting's val scores and the winners here (JSON); "
                    "report, score: read it")
     p.add_argument("--into", action="append", default=[], metavar="FILE",
@@ -229,9 +232,10 @@ def run_ladder(opts: LadderOptions) -> int:
     table = variants(opts.budget, opts.seed, methods)
     screen, confirm = parse_seeds(opts.screen), parse_seeds(opts.confirm)
     if opts.action == "run":
-        rc = cli_main(benchmark_argv(opts, table, opts.screen))
-        if rc:
-            return rc
+        if opts.stage in ("screen", "both"):
+            rc = cli_main(benchmark_argv(opts, table, opts.screen))
+            if rc or opts.stage == "screen":
+                return rc
         short = shortlist(Path(opts.out), table, opts.ipc, screen, opts.top)
         finalists = {n: table[n] for names in short.values() for n in names}
         return cli_main(benchmark_argv(opts, finalists, opts.confirm)) if finalists else 0
