@@ -47,7 +47,10 @@ def guidance_vector(mode: str, x0_hat, centroid, basis=None, normal_weight: floa
             raise ValueError(f"pull must be >= 0, got {pull}")
         normal = delta - project(delta, basis)
         norm = ((normal * normal).sum(-1) ** 0.5)[:, None]
-        return delta + pull * normal / (norm + (norm == 0))  # a zero normal adds nothing
+        # max(|n|, 1e-6 |delta|): a normal that is rounding noise (x0_hat on the plane) adds nothing
+        floor = 1e-6 * ((delta * delta).sum(-1) ** 0.5)[:, None]
+        den = norm + (floor - norm) * (norm < floor)
+        return delta + pull * normal / (den + (den == 0))
     if normal_weight < 0:
         raise ValueError(f"normal_weight must be >= 0, got {normal_weight}")
     if normal_weight == 1.0:

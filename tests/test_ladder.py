@@ -1,0 +1,88 @@
+"""pipeline/eval/ladder.py: equal budgets, the screen -> confirm -> choose selection on val, the tables."""
+import json
+
+import pytest
+
+from pipeline.eval import ladder
+from pipeline.eval.cells import save_cell
+from pipeline.eval.methods import METHODS, parse_variants
+
+
+def test_every_method_gets_the_same_budget_and_names_every_knob_its_defaults_could_change():
+    table = ladder.variants(4, 0)
+    per: dict[str, list[dict]] = {}
+    for base, settings in table.values():
+        per.setdefault(base, []).append(settings)
+    assert set(per) == set(ladder.SPACES) and {len(s) for s in per.values()} == {4}
+    assert {b for b, _ in (*ladder.RUNGS, *ladder.OPTIONS)} == set(ladder.SPACES)
+    for base, settings in per.items():
+        assert settings[0] == ladder.expand(ladder.SPACES[base].published)
+        assert len({json.dumps(s, sort_keys=True) for s in settings}) == 4
+        assert all(set(s) == set(settings[0]) for s in settings)
+        assert METHODS[base].kind == "distill"
+    # the guided methods name what the shipped prior's tuned defaults set, so no score depends on that file
+    from pipeline.distill.run import prior_defaults
+    for base, settings in per.items():
+        tuned = prior_defaults("mnist10k", METHODS[base].guidance) if METHODS[base].guidance != "none" else {}
+        tuned_keys = {f"{sec}.{k}" for sec, fields in tuned.items() for k in fields}
+        assert tuned_keys <= set(settings[0]), (base, tuned_keys - set(settings[0]))
+    # every variant parses as a benchmark variant of its method
+    args = ladder.variant_args(table)
+    variants = parse_variants([args[i + 1] for i in range(0, len(args), 2)])
+    assert set(variants) == set(table)
+    assert ladder.variants(4, 0) == table and ladder.variants(4, 1) != table
+
+
+def test_fewer_draws_than_values_still_draws_distinct_values():
+    dit = [s["sampler.cfg_scale"] for b, s in ladder.variants(4, 0, ["dit"]).values()]
+    assert dit[0] == 4.0 and len(set(dit)) == 4 and set(dit[1:]) < set(ladder.SPACES["dit"].grid["sampler.cfg_scale"])
+
+
+def _cells(tmp_path, scores: dict[str, dict[int, float]], ipc=10):
+    for name, per_seed in scores.items():
+        for seed, top1 in per_seed.items():
+            save_cell(tmp_path, {"method": name, "ipc": ipc, "seed": seed, "arch": "convnet", "eval_key": "k",
+                                 "student": {"final_top1": top1, "best_top1": top1, "seconds": 1.0}})
+
+
+def test_the_shortlist_is_the_top_of_the_screen_and_the_winner_the_best_over_all_seeds(tmp_path):
+    table = ladder.variants(4, 0, ["mgd3"])
+    screen, confirm = [10, 11], [12, 13, 14]
+    # screening: t02 best, then t00, then t03; t01 is out. Confirming reverses t02 and t00.
+    _cells(tmp_path, {"mgd3_t00": {10: 0.80, 11: 0.82}, "mgd3_t01": {10: 0.60, 11: 0.61},
+                      "mgd3_t02": {10: 0.85, 11: 0.84}, "mgd3_t03": {10: 0.70, 11: 0.75}})
+    assert ladder.shortlist(tmp_path, table, 10, screen, 3) == {"mgd3": ["mgd3_t02", "mgd3_t00", "mgd3_t03"]}
+    assert "mgd3" not in ladder.choose(tmp_path, table, 10, screen, confirm, 3)["chosen"]  # not confirmed yet
+    _cells(tmp_path, {"mgd3_t00": {12: 0.90, 13: 0.90, 14: 0.90}, "mgd3_t02": {12: 0.80, 13: 0.80, 14: 0.80},
+                      "mgd3_t03": {12: 0.95, 13: 0.95, 14: 0.60}})
+    result = ladder.choose(tmp_path, table, 10, screen, confirm, 3)
+    chosen = result["chosen"]["mgd3"]
+    assert chosen["variant"] == "mgd3_t00"  # (0.80 + 0.82 + 3 x 0.90) / 5 = 86.4 beats t02 (81.8) and t03 (80.0)
+    assert chosen["all"]["n"] == 5 and abs(chosen["all"]["mean"] - 86.4) < 1e-9
+    rows = {r["variant"]: r for r in result["settings"]["mgd3"]}
+    assert not rows["mgd3_t01"]["shortlisted"] and rows["mgd3_t01"]["all"] is None
+    # a missing screening cell leaves the method without a shortlist
+    (tmp_path / "cells" / "mgd3_t01" / "ipc10_seed11_convnet.json").unlink()
+    assert ladder.shortlist(tmp_path, table, 10, screen, 3) == {}
+
+
+def test_tables_and_the_test_run_come_from_the_results_alone(tmp_path):
+    table = ladder.variants(4, 0, ["mgd3", "repel"])
+    scores = {n: {s: 0.5 + 0.01 * i + 0.001 * s for s in range(10, 15)} for i, n in enumerate(table)}
+    _cells(tmp_path, scores)
+    opts = ladder.LadderOptions("choose", out=str(tmp_path), methods="mgd3,repel")
+    result = ladder.choose(tmp_path, table, 10, [10, 11], [12, 13, 14], 3)
+    result.update({"protocol": opts.protocol(), "student": "s", "command": "c"})
+    assert result["chosen"]["mgd3"]["variant"] == "mgd3_t03" and result["chosen"]["repel"]["variant"] == "rep_t03"
+    md = ladder.ladder_markdown(result)
+    assert "| **mgd3_t03, chosen** |" in md and "MGD3 + within-class repulsion" in md
+    assert md.index("mgd3_t03") < md.index("mgd3_t00")  # best first
+    winners = ladder.winners_table(result)
+    assert set(winners) == {"mgd3_val", "repel_val"} and winners["mgd3_val"][1] == table["mgd3_t03"][1]
+
+
+def test_unknown_methods_are_one_clear_error(capsys):
+    assert ladder.main(["run", "--methods", "mgd3,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ladder.parse_options(["run", "--stage", "sometimes"])
