@@ -110,7 +110,12 @@ def resolve_distill_config(*, data: str | None = None, out: str | None = None, i
     model_given = any("model" in layer.get("model", {}) for layer in (from_file, flags, settings))
     if not model_given and builtin_prior_exists(cfg.data.path):
         # The shipped prior's own tuned settings sit just above the defaults: a file, a flag or --set wins.
-        tuned = prior_defaults(cfg.data.path, cfg.sampler.guidance)
+        # Where no layer names the guidance, the prior's val winner at the nearest tuned IPC is the default.
+        guidance_given = any("guidance" in layer.get("sampler", {}) for layer in (from_file, flags, settings))
+        chosen = None if guidance_given else default_guidance(cfg.data.path, cfg.ipc)
+        tuned = prior_defaults(cfg.data.path, chosen or cfg.sampler.guidance)
+        if chosen:
+            tuned = {**tuned, "sampler": {**tuned.get("sampler", {}), "guidance": chosen}}
         if tuned:
             cfg = build_config(tuned, from_file, flags, settings)
         cfg.model.model = f"builtin:{cfg.data.path}"
@@ -138,6 +143,18 @@ def prior_defaults(name: str, guidance: str) -> dict:
     if not path.is_file():
         return {}
     return (load_yaml(str(path)) or {}).get(guidance, {}) or {}
+
+
+def default_guidance(name: str, ipc: int) -> str | None:
+    """The guidance mode a built-in prior uses when none is given: ``default_guidance`` of its
+    ``distill_defaults.yaml`` maps each tuned IPC to the mode that won on val there; the nearest tuned IPC
+    (the smaller on a tie) answers for the others. None when the file names none."""
+    path = Path(resolve(BUILTIN + name)) / "distill_defaults.yaml"
+    table = ((load_yaml(str(path)) or {}).get("default_guidance") or {}) if path.is_file() else {}
+    if not table:
+        return None
+    nearest = min((int(k) for k in table), key=lambda k: (abs(k - ipc), k))
+    return table[nearest] if nearest in table else table[str(nearest)]
 
 
 def builtin_prior_exists(name: str) -> bool:
