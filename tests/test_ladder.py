@@ -86,3 +86,30 @@ def test_unknown_methods_are_one_clear_error(capsys):
     assert "nope" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ladder.parse_options(["run", "--stage", "sometimes"])
+
+
+def test_the_defaults_file_holds_each_modes_val_winner_and_the_overall_winners_mode(monkeypatch):
+    import yaml
+
+    from pipeline.distill import run as run_module
+    from pipeline.distill.run import resolve_distill_config
+
+    table = ladder.variants(4, 0, ["dit", "mgd3", "repel", "manifoldgd"])
+
+    def chosen(variant, mean):
+        return {"variant": variant, "settings": table[variant][1], "all": {"mean": mean, "std": 0.5, "n": 5},
+                "screen": {"mean": mean, "std": 0.5, "n": 2}}
+
+    result = {"protocol": {"ipc": 10}, "chosen": {"dit": chosen("dit_t01", 80.0), "mgd3": chosen("mgd3_t02", 90.0),
+                                                 "repel": chosen("rep_t03", 91.0), "manifoldgd": chosen("mgd_t00", 88.0)}}
+    text = ladder.defaults_yaml(result, "r.json")
+    parsed = yaml.safe_load(text)
+    assert parsed["default_guidance"] == {10: "mode"}  # repel, a mode-guided method, won overall
+    assert parsed["mode"]["sampler"]["repulsion"] == table["rep_t03"][1]["sampler.repulsion"]  # repel beat mgd3
+    assert parsed["mode"]["cluster"]["method"] == "kmeans" and parsed["manifold"]["cluster"]["method"] == "divisive"
+    assert parsed["none"]["sampler"]["cfg_scale"] == table["dit_t01"][1]["sampler.cfg_scale"]
+    monkeypatch.setattr(run_module, "load_yaml", lambda path: parsed)
+    cfg = resolve_distill_config(data="mnist10k", ipc=10)  # a run that names no guidance gets the winner
+    assert cfg.sampler.guidance == "mode" and cfg.cluster.method == "kmeans"
+    assert cfg.sampler.repulsion == table["rep_t03"][1]["sampler.repulsion"]
+    assert cfg.sampler.guidance_scale == table["rep_t03"][1]["sampler.guidance_scale"]

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from pipeline.eval.benchmark_options import parse_seeds
 from pipeline.eval.cells import cell_path
+from pipeline.eval.methods import METHODS
 from pipeline.eval.results import rewrite_blocks
 from pipeline.eval.stats import mean_std
 from pipeline.eval.tune import STUDENT, Space, draws, expand, variant_args
@@ -109,6 +110,7 @@ class LadderOptions:
     stage: str = "both"             # run: screen | confirm | both
     results: str | None = None
     into: tuple[str, ...] = ()
+    write_defaults: bool = False
 
     def protocol(self) -> dict:
         return {k: getattr(self, k) for k in DEFAULTS}
@@ -213,6 +215,42 @@ def winners_table(result: dict) -> dict[str, tuple[str, dict]]:
     return {f"{base}_val": (base, ch["settings"]) for base, ch in result["chosen"].items()}
 
 
+def defaults_yaml(result: dict, results_path: str) -> str:
+    """``distill_defaults.yaml`` from the ladder's choice at one IPC: per guidance mode, the settings (and the
+    clustering) of the method of that mode with the best val mean; ``default_guidance`` maps the IPC to the
+    mode of the best method overall, the mode a run of the prior uses when none is given."""
+    ipc = result["protocol"]["ipc"]
+    best_of_mode: dict[str, tuple[str, dict]] = {}
+    for base, ch in result["chosen"].items():
+        mode = METHODS[base].guidance
+        if mode not in best_of_mode or ch["all"]["mean"] > best_of_mode[mode][1]["all"]["mean"]:
+            best_of_mode[mode] = (base, ch)
+    winner = max(best_of_mode.values(), key=lambda bc: bc[1]["all"]["mean"])
+    lines = ["# Settings tuned for this prior, applied by `manifoldgd distill` when it uses builtin:mnist10k, between the",
+             "# published defaults and anything the user gives (--config, flags and --set win). One section per",
+             "# sampler.guidance mode: the val winner among the methods of that mode. Written by",
+             "# `python -m pipeline.eval.ladder choose --write-defaults` (docs/ladder.md); every setting tried and",
+             f"# its val scores are in {results_path}.",
+             f"default_guidance:  # the mode of the best method on val at each tuned IPC: {winner[0]}",
+             f"  {ipc}: {METHODS[winner[0]].guidance}"]
+    for mode in sorted(best_of_mode):
+        base, ch = best_of_mode[mode]
+        method = METHODS[base]
+        sections: dict[str, dict] = {}
+        if method.cluster:
+            sections.setdefault("cluster", {})["method"] = method.cluster
+        for item in (*method.sets, *(f"{k}={v}" for k, v in ch["settings"].items())):
+            key, _, value = item.partition("=")
+            section, field = key.split(".")
+            sections.setdefault(section, {})[field] = value
+        lines.append(f"{mode}:  # {base}: {ch['variant']}, val top-1 {ch['all']['mean']:.2f} +- {ch['all']['std']:.2f} "
+                     f"over {ch['all']['n']} seeds")
+        for section, fields in sections.items():
+            lines.append(f"  {section}:")
+            lines += [f"    {f}: {v}" for f, v in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
 def parse_options(argv: list[str] | None = None) -> LadderOptions:
     p = argparse.ArgumentParser(prog="python -m pipeline.eval.ladder", description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=("run", "choose", "report", "score"),
@@ -228,6 +266,8 @@ def parse_options(argv: list[str] | None = None) -> LadderOptions:
                    "report, score: read it")
     p.add_argument("--into", action="append", default=[], metavar="FILE",
                    help="rewrite the <!-- results:ladder_ipcN begin/end --> block of FILE")
+    p.add_argument("--write-defaults", action="store_true",
+                   help="choose: write the winners into pipeline/priors/<data>/distill_defaults.yaml")
     args = p.parse_args(argv)
     return LadderOptions(**{**vars(args), "into": tuple(args.into)})
 
@@ -264,6 +304,14 @@ def run_ladder(opts: LadderOptions) -> int:
     if opts.action == "choose" and opts.results:
         Path(opts.results).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.results).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+    if opts.action == "choose" and opts.write_defaults:
+        missing = [b for b in methods if b not in result["chosen"]]
+        if missing:
+            print(f"not every method has a winner yet ({', '.join(missing)}): run the sweep first", file=sys.stderr)
+            return 1
+        target = Path(__file__).resolve().parents[1] / "priors" / opts.data / "distill_defaults.yaml"
+        target.write_text(defaults_yaml(result, opts.results or "(not written)"))
+        print(f"wrote {target}")
     for path in opts.into:
         rewrite_blocks(Path(path), {f"ladder_ipc{result['protocol']['ipc']}": text})
         print(f"rewrote the ladder block in {path}")
