@@ -113,3 +113,25 @@ def test_the_defaults_file_holds_each_modes_val_winner_and_the_overall_winners_m
     assert cfg.sampler.guidance == "mode" and cfg.cluster.method == "kmeans"
     assert cfg.sampler.repulsion == table["rep_t03"][1]["sampler.repulsion"]
     assert cfg.sampler.guidance_scale == table["rep_t03"][1]["sampler.guidance_scale"]
+
+
+def test_the_test_table_is_made_from_the_records_alone(tmp_path):
+    from pipeline.eval.results import record, write_records
+
+    winners = ladder.winners_table({"chosen": {"mgd3": {"settings": {"sampler.guidance_scale": 0.2}},
+                                               "repel": {"settings": {"sampler.repulsion": 0.3}}}})
+    variants = parse_variants([f"{n}={b}:" + ",".join(f"{k}={v}" for k, v in s.items()) for n, (b, s) in winners.items()])
+    records = []
+    for name, base_top1 in (("mgd3_val", 0.90), ("repel_val", 0.92)):
+        for seed in range(5):
+            cell = {"method": name, "ipc": 10, "seed": seed, "arch": "convnet", "eval_key": "k", "command": "cmd",
+                    "student": {"final_top1": base_top1 + 0.002 * seed, "best_top1": 0.95, "seconds": 1.0}}
+            records.append(record(cell, variants[name], "mnist10k:test", "a recipe"))
+    path = write_records(tmp_path / "r.jsonl", records)
+    doc = tmp_path / "doc.md"
+    doc.write_text("x\n<!-- results:ladder_test begin -->\nold\n<!-- results:ladder_test end -->\n")
+    assert ladder.main(["table", "--records", str(path), "--into", str(doc)]) == 0
+    text = doc.read_text()
+    assert "old" not in text and "mnist10k:test" in text
+    assert "**90.4 +- 0.3** [95.0 +- 0.0] (n=5)" in text and "**92.4 +- 0.3** [95.0 +- 0.0] (n=5)" in text
+    assert text.index("MGD3 (mode + k-means)") < text.index("within-class repulsion")  # the ladder's order

@@ -5,7 +5,8 @@
         --results docs/results/mnist10k_ladder_ipc10.json                   # each method's winner, from val alone
     python -m pipeline.eval.ladder report --results docs/results/mnist10k_ladder_ipc10.json --into docs/evaluation.md
     python -m pipeline.eval.ladder score  --results docs/results/mnist10k_ladder_ipc10.json \\
-        --out runs/ladder_test                                              # the winners, once, on test seeds 0-4
+        --out runs/ladder_test --records docs/results/mnist10k_ladder.jsonl  # the winners, once, on test seeds 0-4
+    python -m pipeline.eval.ladder table  --records docs/results/mnist10k_ladder.jsonl --into README.md
 
 Every method (each rung of the ladder: DiT, MGD3, the divisive tree, level-wise selection, the tangent
 projection, radius annealing; the public code's variant; the new options) gets the same budget of
@@ -31,10 +32,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.eval import report
 from pipeline.eval.benchmark_options import parse_seeds
-from pipeline.eval.cells import cell_path
+from pipeline.eval.cells import aggregate, cell_path
 from pipeline.eval.methods import METHODS
-from pipeline.eval.results import rewrite_blocks
+from pipeline.eval.results import methods_of, read_records, rewrite_blocks, write_records
 from pipeline.eval.stats import mean_std
 from pipeline.eval.tune import STUDENT, Space, draws, expand, variant_args
 
@@ -111,6 +113,7 @@ class LadderOptions:
     results: str | None = None
     into: tuple[str, ...] = ()
     write_defaults: bool = False
+    records: str | None = None      # score: where the test records go; table: where they are read
 
     def protocol(self) -> dict:
         return {k: getattr(self, k) for k in DEFAULTS}
@@ -251,11 +254,32 @@ def defaults_yaml(result: dict, results_path: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def test_table(records: list[dict]) -> str:
+    """The winners' test scores (final-epoch top-1, mean +- std over the seeds, per IPC) and their distribution
+    metrics, from the records alone."""
+    table = methods_of(records)
+    order = [f"{b}_val" for b, _ in (*RUNGS, *OPTIONS)]
+    methods = [m for m in order if any(r["method"] == m for r in records)]
+    ipcs = sorted({r["ipc"] for r in records})
+    results = aggregate(records, methods, ipcs, ["convnet"], table)
+    results.update({"test": records[0]["test"], "archs": ["convnet"], "recipe": {"convnet": records[0]["recipe"]}})
+    return report.markdown(results, parts=("commands", "variants", "metrics"))
+
+
+def write_test_table(path: Path, into: tuple[str, ...]) -> int:
+    text = test_table(read_records(path))
+    print(text)
+    for doc in into:
+        rewrite_blocks(Path(doc), {"ladder_test": text})
+        print(f"rewrote the ladder_test block in {doc}")
+    return 0
+
+
 def parse_options(argv: list[str] | None = None) -> LadderOptions:
     p = argparse.ArgumentParser(prog="python -m pipeline.eval.ladder", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("run", "choose", "report", "score"),
+    p.add_argument("action", choices=("run", "choose", "report", "score", "table"),
                    help="run = screen then confirm; choose = winners from the cells; report = tables from --results; "
-                   "score = the winners on the test split, seeds 0-4")
+                   "score = the winners on the test split, seeds 0-4; table = the test table from --records")
     p.add_argument("--out", default="runs/ladder_ipc10")
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), default=value)
@@ -266,6 +290,8 @@ def parse_options(argv: list[str] | None = None) -> LadderOptions:
                    "report, score: read it")
     p.add_argument("--into", action="append", default=[], metavar="FILE",
                    help="rewrite the <!-- results:ladder_ipcN begin/end --> block of FILE")
+    p.add_argument("--records", metavar="FILE", help="score: copy the test records here (JSON lines); "
+                   "table: read them")
     p.add_argument("--write-defaults", action="store_true",
                    help="choose: write the winners into pipeline/priors/<data>/distill_defaults.yaml")
     args = p.parse_args(argv)
@@ -286,6 +312,8 @@ def run_ladder(opts: LadderOptions) -> int:
         short = shortlist(Path(opts.out), table, opts.ipc, screen, opts.top)
         finalists = {n: table[n] for names in short.values() for n in names}
         return cli_main(benchmark_argv(opts, finalists, opts.confirm)) if finalists else 0
+    if opts.action == "table":
+        return write_test_table(Path(opts.records), opts.into)
     if opts.action == "choose":
         result = choose(Path(opts.out), table, opts.ipc, screen, confirm, opts.top)
         result.update({"protocol": opts.protocol(), "student": " ".join(STUDENT),
@@ -296,9 +324,15 @@ def run_ladder(opts: LadderOptions) -> int:
     if opts.action == "score":
         proto = result["protocol"]
         test = proto["test"].split(":")[0] + ":test"
-        return cli_main(["benchmark", "--data", proto["data"], "--test", test, "--out", opts.out,
-                         "--ipc", str(proto["ipc"]), "--seeds", SCORE_SEEDS, "--methods", "", *STUDENT,
-                         *variant_args(winners_table(result))])
+        rc = cli_main(["benchmark", "--data", proto["data"], "--test", test, "--out", opts.out,
+                       "--ipc", str(proto["ipc"]), "--seeds", SCORE_SEEDS, "--methods", "", *STUDENT,
+                       *variant_args(winners_table(result))])
+        if rc == 0 and opts.records:
+            fresh = read_records(Path(opts.out) / "results.jsonl")
+            kept = [r for r in read_records(Path(opts.records)) if r["ipc"] != proto["ipc"]] \
+                if Path(opts.records).exists() else []
+            write_records(Path(opts.records), kept + fresh)  # one IPC's records replaced, the others kept
+        return rc
     text = ladder_markdown(result)
     print(text)
     if opts.action == "choose" and opts.results:
