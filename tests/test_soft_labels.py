@@ -200,7 +200,7 @@ def test_protocol_is_recorded_and_named_in_the_table_header():
                          "metrics": {"fid": none, "mean_l2": none, "mmd2": none}}],
                "main": ["random"], "ladder": [], "archs": ["convnet"]}
     assert "#### Top-1 (%) on the real test split, hard labels, " in report.markdown(results)
-    assert ", soft labels (teacher mnist10k, T=4), " in report.markdown({**results, "labels": soft})
+    assert ", soft labels (teacher mnist10k, T=4), " in report.markdown({**results, "protocol": soft})
 
 
 def test_benchmark_command_line_records_the_protocol_and_parses_back():
@@ -263,3 +263,42 @@ def test_evaluate_without_a_usable_teacher_exits_2_with_one_line(tmp_path, monke
     assert main([*argv, *(a.replace("{tmp}", str(tmp_path)) for a in extra)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("manifoldgd: error:") and words in err
+
+
+def test_benchmark_never_reuses_a_cell_across_protocols(tmp_path, tiny_prior, ray_session):
+    from conftest import write_image_folder
+
+    from pipeline.cli import main
+    from pipeline.eval.results import read_records
+
+    data = write_image_folder(tmp_path / "data", {"a": 4, "b": 4}, size=16, seed=0)
+    write_image_folder(tmp_path / "test", {"a": 3, "b": 3}, size=16, seed=1)
+    teacher = _tiny_teacher_file(tmp_path / "teacher.safetensors", ["b", "a", "z"])
+    out = tmp_path / "bench"
+    hard = ["benchmark", "--data", str(data), "--test", str(tmp_path / "test" / "train"), "--model", str(tiny_prior),
+            "--vae", "", "--out", str(out), "--ipc", "1", "--seeds", "1", "--methods", "random", "--profile", "fast",
+            "--fast-steps", "2", "--student", "width=4", "--features", "none", "--no-copies"]
+    soft = [*hard, "--labels", "soft", "--teacher", f"featurenet:{teacher}", "--soft-temperature", "4"]
+    cell = out / "cells" / "random" / "ipc1_seed0_convnet.json"
+
+    def run(argv):
+        assert main(argv) == 0
+        return json.loads(cell.read_text()), read_records(out / "results.jsonl"), (out / "table.md").read_text()
+
+    c_hard, r_hard, t_hard = run(hard)
+    c_soft, r_soft, t_soft = run(soft)
+    assert c_hard["labels"] == {"kind": "hard"} and r_hard[0]["labels"] == {"kind": "hard"}
+    expected = {"kind": "soft", "teacher": "featurenet teacher.safetensors", "temperature": 4.0}
+    assert c_soft["labels"] == expected and r_soft[0]["labels"] == expected
+    assert c_soft["eval_key"] != c_hard["eval_key"]  # trained again, not reused
+    assert ", hard labels, " in t_hard and ", soft labels (teacher featurenet teacher.safetensors, T=4), " in t_soft
+    assert "--labels soft" in c_soft["command"] and "--labels" not in c_hard["command"]
+    stamp = cell.stat().st_mtime_ns
+    assert run(soft)[0] == c_soft and cell.stat().st_mtime_ns == stamp  # the same protocol: reused
+    c_again, _, _ = run(hard)
+    assert c_again["labels"] == {"kind": "hard"} and c_again["eval_key"] == c_hard["eval_key"]
+    # a report asked for one protocol leaves the other's records out
+    report = [*soft, "--report-only", "--results-file", str(out / "results.jsonl")]
+    report[report.index(str(out))] = str(tmp_path / "report")
+    assert main(report) == 0
+    assert (tmp_path / "report" / "table.md").read_text() == "no finished cells yet\n"

@@ -306,7 +306,7 @@ def write_report(opts: BenchmarkOptions, grid: Grid, timings: dict) -> dict:
     recipes = {a: recipe_for(opts.profile, max(grid.ipcs), 10 * max(grid.ipcs), fast_steps=opts.fast_steps,
                              **{**grid.student, "arch": a}).describe() for a in grid.archs}
     results.update({"data": opts.data, "test": grid.test, "profile": opts.profile, "archs": grid.archs,
-                    "labels": grid.labels,
+                    "protocol": grid.labels,  # the label protocol ("labels" names the methods)
                     "recipe": recipes, "features": grid.extractor.name if grid.extractor else None,
                     "seeds_requested": grid.seeds, "command": opts.command_line(), "timings_this_run_s": timings})
     atomic_write_json(out / "results.json", results)

@@ -34,7 +34,7 @@ def split_name(results: dict) -> str:
 
 def markdown(results: dict, parts=("commands", "main", "ladder", "variants", "metrics", "copies")) -> str:
     """Top-1 tables (final epoch headline, best epoch beside it) for the main methods, the ladder and the
-    variants, per architecture, each header naming the label protocol (``results["labels"]``; none = hard
+    variants, per architecture, each header naming the label protocol (``results["protocol"]``; none = hard
     labels); then the distribution metrics with the feature extractor named; then the copy detection.
     ``parts`` picks the sections (README shows fewer than docs/evaluation.md)."""
     rows = results["rows"]
@@ -51,7 +51,7 @@ def markdown(results: dict, parts=("commands", "main", "ladder", "variants", "me
     for arch in archs:
         by = _rows(results, arch)
         recipe = results.get("recipe", {}).get(arch, arch)
-        lines += [f"#### Top-1 (%) on {split_name(results)}, {describe_labels(results.get('labels'))}, {recipe}", "",
+        lines += [f"#### Top-1 (%) on {split_name(results)}, {describe_labels(results.get('protocol'))}, {recipe}", "",
                   "Final epoch (headline); [best epoch, as the public code reports it]; mean +- std over seeds "
                   "(n = seeds that finished).", ""]
 
@@ -169,7 +169,7 @@ def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None
     img = Image.new("RGB", (max(width, 640), height), "white")
     draw = ImageDraw.Draw(img)
     f_tiny, f_small, f_title = _font(10), _font(12), _font(15)
-    draw.text((left, 12), f"Top-1 on real test (%), final epoch, {arch}, {describe_labels(results.get('labels'))}; "
+    draw.text((left, 12), f"Top-1 on real test (%), final epoch, {arch}, {describe_labels(results.get('protocol'))}; "
               "error bar = std over seeds",
               fill="black", font=f_title)
     y0 = top + plot_h
