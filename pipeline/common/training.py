@@ -1,7 +1,8 @@
 """The one minibatch loop of the classifiers this project trains: the students (``eval/students.py``) and
 prior-quality's judge (``prior/quality.py``).
 
-Each caller keeps its own model, optimiser, schedule, augmentation and loss; the loop owns the order of
+Each caller keeps its own model, optimiser, schedule, augmentation and loss (a student's loss may relabel
+each batch with a frozen teacher: soft labels, ``eval/students.py``); the loop owns the order of
 the draws, which is what makes a result reproducible: per epoch one permutation from ``generator``, then
 per minibatch ``batch_loss(indices)`` (whatever it draws, it draws here, in batch order) and one
 zero_grad / backward / optimiser step / scheduler step.

@@ -23,7 +23,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,7 @@ from pipeline.eval.evaluate import (
     load_test,
     parse_student_settings,
     resolve_features,
+    resolve_labels,
     run_student_jobs,
     set_metrics,
 )
@@ -64,6 +65,7 @@ from pipeline.eval.features import FeatureLoadError
 from pipeline.eval.methods import ALIASES, METHODS, Method, parse_methods, parse_variants
 from pipeline.eval.results import methods_of, read_records, record, rewrite_blocks, write_records
 from pipeline.eval.students import StudentRecipe, recipe_for
+from pipeline.eval.teachers import HARD, labels_of, load_teacher
 from pipeline.inputs.sources import list_source
 from pipeline.models.refs import prior_info
 
@@ -82,6 +84,8 @@ class Grid:
     student: dict                   # StudentRecipe overrides (--student)
     test: str                       # the test data (--test, else --data)
     extractor: object | None        # the feature extractor of the distribution metrics, or None
+    labels: dict = field(default_factory=lambda: dict(HARD))  # the label protocol, recorded in every cell
+    soft: dict | None = None        # soft labels: the teacher spec and temperature each student task loads
 
     def sets(self, kind: str | None = None):
         """(method, ipc, seed) of every set, methods outermost; only methods of ``kind`` when given."""
@@ -99,10 +103,12 @@ def parse_grid(opts: BenchmarkOptions) -> Grid:
         extractor = resolve_features(opts.features, test)
     except FeatureLoadError as exc:
         raise ValueError(str(exc)) from None
+    labels, soft = resolve_labels(opts.labels, opts.teacher, opts.soft_temperature, opts.data)
     return Grid(out=Path(opts.out), table=table, methods=parse_methods(opts.methods, table),
                 ipcs=[int(x) for x in str(opts.ipc).split(",") if x.strip()], seeds=parse_seeds(opts.seeds),
                 archs=[a.strip() for a in opts.arch.split(",") if a.strip()],
-                student=parse_student_settings(opts.student), test=test, extractor=extractor)
+                student=parse_student_settings(opts.student), test=test, extractor=extractor,
+                labels=labels, soft=soft)
 
 
 def run_benchmark(opts: BenchmarkOptions) -> dict:
@@ -241,14 +247,17 @@ def pending_students(opts: BenchmarkOptions, grid: Grid) -> tuple[list[StudentJo
         for arch in grid.archs:
             recipe = asdict(recipe_for(opts.profile, ipc, len(images), fast_steps=opts.fast_steps,
                                        **{**grid.student, "arch": arch}))
-            key = eval_key(recipe, grid.test, grid.extractor.name if grid.extractor else None)
+            key = eval_key(recipe, grid.test, grid.extractor.name if grid.extractor else None, grid.labels)
             if load_cell(cell_path(grid.out, m.name, ipc, seed, arch), key):
                 continue
+            if test is None and grid.soft is not None:
+                load_teacher(grid.soft["teacher"], classes)  # a class the teacher does not know: stop here
             test = test or load_test_set(opts, grid, classes, images.shape[1])
             measures = set_measures(grid, test, images) if measures is None else measures
-            job = StudentJob(f"{m.name}|{ipc}|{seed}|{arch}", images, labels, len(classes), recipe, seed)
+            soft = None if grid.soft is None else {**grid.soft, "classes": classes}
+            job = StudentJob(f"{m.name}|{ipc}|{seed}|{arch}", images, labels, len(classes), recipe, seed, soft)
             cells[job.key] = {"method": m.name, "ipc": ipc, "seed": seed, "arch": arch, "eval_key": key,
-                              "recipe": recipe, **measures}
+                              "recipe": recipe, "labels": grid.labels, **measures}
             jobs.append(job)
     return jobs, cells, test
 
@@ -262,7 +271,7 @@ def train_students(opts: BenchmarkOptions, grid: Grid, timings: dict) -> None:
 
     def done(job: StudentJob, result: dict) -> None:
         c = cells[job.key]
-        cell = {**{k: c[k] for k in ("method", "ipc", "seed", "arch", "eval_key", "recipe")}, "student": result,
+        cell = {**{k: c[k] for k in ("method", "ipc", "seed", "arch", "eval_key", "recipe", "labels")}, "student": result,
                 "metrics": c["metrics"], "copies": c["copies"], "n_images": int(len(job.labels)),
                 "command": opts.command_line(),
                 "distill_seconds": distill_seconds(grid.out, grid.table[c["method"]], c["ipc"], c["seed"])}
@@ -282,19 +291,22 @@ def write_report(opts: BenchmarkOptions, grid: Grid, timings: dict) -> dict:
     (or, with --results-file, from that file's records alone); then the marked blocks of every --into."""
     out = grid.out
     if opts.results_file:
-        records = [r for r in read_records(Path(opts.results_file)) if r["test"] == grid.test]
+        records = [r for r in read_records(Path(opts.results_file))
+                   if r["test"] == grid.test and labels_of(r) == grid.labels]
         table = {**methods_of(records), **grid.table}
         methods = parse_methods(opts.methods, table)
         records = [r for r in records if r["seed"] in grid.seeds]
     else:
         table, methods = grid.table, grid.methods
         records = [record(c, table[c["method"]], grid.test, recipe_text(c["recipe"]))
-                   for c in cells_in(out, methods, grid.ipcs, grid.seeds, grid.archs)]
+                   for c in cells_in(out, methods, grid.ipcs, grid.seeds, grid.archs)
+                   if labels_of(c) == grid.labels]  # one protocol per table
         write_records(out / "results.jsonl", records)
     results = aggregate(records, methods, grid.ipcs, grid.archs, table)
     recipes = {a: recipe_for(opts.profile, max(grid.ipcs), 10 * max(grid.ipcs), fast_steps=opts.fast_steps,
                              **{**grid.student, "arch": a}).describe() for a in grid.archs}
     results.update({"data": opts.data, "test": grid.test, "profile": opts.profile, "archs": grid.archs,
+                    "protocol": grid.labels,  # the label protocol ("labels" names the methods)
                     "recipe": recipes, "features": grid.extractor.name if grid.extractor else None,
                     "seeds_requested": grid.seeds, "command": opts.command_line(), "timings_this_run_s": timings})
     atomic_write_json(out / "results.json", results)

@@ -31,6 +31,9 @@ class BenchmarkOptions:
     student: tuple[str, ...] = ()
     workers: int = 0
     features: str = "auto"
+    labels: str = "hard"                # hard | soft (a teacher relabels every augmented batch)
+    teacher: str = "auto"               # with labels soft: see pipeline/eval/teachers.py
+    soft_temperature: float = 20.0      # with labels soft: teachers.DEFAULT_TEMPERATURE
 
     @classmethod
     def from_namespace(cls, args: argparse.Namespace) -> BenchmarkOptions:
@@ -51,6 +54,9 @@ class BenchmarkOptions:
         parts += [f"--vae '{self.vae}'"] if self.vae is not None else []
         parts += [f"--set {s}" for s in self.set] + [f"--student {s}" for s in self.student]
         parts += [f"--variant {v}" for v in self.variant]
+        if self.labels != "hard":  # a hard-label command reads as it did before the flag existed
+            parts += [f"--labels {self.labels}", f"--teacher {self.teacher}",
+                      f"--soft-temperature {self.soft_temperature:g}"]
         return " ".join(parts)
 
 

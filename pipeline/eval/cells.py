@@ -17,6 +17,7 @@ from pipeline.common.outputs import atomic_write_json
 from pipeline.eval.evaluate import summarise
 from pipeline.eval.methods import LADDER, MAIN, METHODS, Method
 from pipeline.eval.stats import mean_std
+from pipeline.eval.teachers import labels_of
 
 SET_METRICS = ("fid", "mean_l2", "mmd2", "mmd_paper")
 
@@ -30,9 +31,15 @@ def cell_path(out: Path, method: str, ipc: int, seed: int, arch: str) -> Path:
     return out / "cells" / method / f"ipc{ipc}_seed{seed}_{arch}.json"
 
 
-def eval_key(recipe: dict, test: str, features: str | None) -> str:
-    """What a cell's result depends on besides its set: the student recipe, the test set, the features."""
-    blob = json.dumps({"recipe": recipe, "test": test, "features": features}, sort_keys=True)
+def eval_key(recipe: dict, test: str, features: str | None, labels: dict | None = None) -> str:
+    """What a cell's result depends on besides its set: the student recipe, the test set, the features and
+    the label protocol (``pipeline.eval.teachers.label_protocol``). Hard labels add nothing to the key, so
+    the cells made before soft labels existed keep their key and are reused; soft labels (teacher and
+    temperature) always give another key."""
+    parts = {"recipe": recipe, "test": test, "features": features}
+    if labels is not None and labels.get("kind", "hard") != "hard":
+        parts["labels"] = labels
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -99,7 +106,7 @@ def aggregate_row(method: Method, ipc: int, arch: str, cells: list[dict]) -> dic
     """One row of results.json: the seeds' cells of one (method, IPC, architecture)."""
     copies = {space: {k: mean_std([((c.get("copies") or {}).get(space) or {}).get(k) for c in cells])
                       for k in COPY_STATS} for space in ("pixels", "features")}
-    return {"method": method.name, "label": method.label, "ipc": ipc, "arch": arch,
+    return {"method": method.name, "label": method.label, "ipc": ipc, "arch": arch, "labels": labels_of(cells[0]),
             "seeds": [c["seed"] for c in cells], **summarise([c["student"] for c in cells]),
             "metrics": {k: mean_std([c["metrics"].get(k) for c in cells]) for k in SET_METRICS},
             "copies": copies, "distill_seconds": mean_std([c.get("distill_seconds") for c in cells])}

@@ -1,7 +1,8 @@
 """`manifoldgd evaluate`: train students from scratch on a distilled ImageFolder, test them on real images.
 
     distilled DIR/train/<class>/*.png + real test split
-      -> one Ray task per (architecture, seed): fit a student (pipeline/eval/students.py), top-1 on the test set
+      -> one Ray task per (architecture, seed): fit a student (pipeline/eval/students.py) with hard labels or
+         with soft labels from a teacher (pipeline/eval/teachers.py, loaded inside the task), top-1 on the test set
       -> mean +- std over seeds of the final-epoch top-1 (headline) and of the best-epoch top-1 (labelled)
       -> optional distribution metrics (FID / l2 / MMD) of the distilled set vs the real test images
       -> JSON
@@ -29,6 +30,16 @@ from pipeline.common.ray_start import init_ray
 from pipeline.eval.features import FeatureLoadError, default_extractor, load_extractor
 from pipeline.eval.stats import mean_std
 from pipeline.eval.students import StudentRecipe, fit, recipe_for
+from pipeline.eval.teachers import (
+    DEFAULT_TEMPERATURE,
+    LABELS,
+    TeacherError,
+    cached_teacher,
+    describe_labels,
+    label_protocol,
+    load_teacher,
+    resolve_teacher,
+)
 from pipeline.inputs.datasets import load_builtin, parse_spec
 from pipeline.inputs.preprocess import decode_image
 from pipeline.inputs.sources import list_imagefolder
@@ -108,15 +119,18 @@ class StudentJob:
     num_classes: int
     recipe: dict           # StudentRecipe fields
     seed: int
+    soft: dict | None = None  # soft labels: {"teacher": spec, "classes": [...], "temperature": T}; None = hard
 
 
 def _train_task(images, labels, num_classes: int, recipe: dict, seed: int, test_images, test_labels,
-                threads: int) -> dict:
-
+                threads: int, soft: dict | None = None) -> dict:
+    """One student. With ``soft``, the teacher is loaded here from its spec (once per worker process), not
+    shipped through the object store."""
     torch.set_num_threads(max(1, threads))
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    teacher = None if soft is None else cached_teacher(soft["teacher"], tuple(soft["classes"]), device)
     res = fit(images, labels, num_classes, StudentRecipe(**recipe), seed, test=(test_images, test_labels),
-              device=device)
+              device=device, teacher=teacher, temperature=soft["temperature"] if soft else DEFAULT_TEMPERATURE)
     return {**res.summary(), "device": device}
 
 
@@ -147,7 +161,7 @@ def run_student_jobs(jobs: list[StudentJob], test: tuple[np.ndarray, np.ndarray]
             images = job.images
             if isinstance(images, np.ndarray):
                 images = shared.setdefault(id(job.images), ray.put(job.images))
-            ref = task.remote(images, job.labels, job.num_classes, job.recipe, job.seed, *test_refs, 1)
+            ref = task.remote(images, job.labels, job.num_classes, job.recipe, job.seed, *test_refs, 1, job.soft)
             in_flight[ref] = job
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         job = in_flight.pop(ready[0])
@@ -187,6 +201,27 @@ def set_metrics(extractor, real_features: np.ndarray, images: np.ndarray, refere
             "n_real": int(len(real_features)), "n_synthetic": int(len(images))}
 
 
+# --------------------------------------------------------------------------------------- labels
+def resolve_labels(labels: str, teacher: str, temperature: float, dataset: str | None,
+                   classes: list[str] | None = None) -> tuple[dict, dict | None]:
+    """``--labels/--teacher/--soft-temperature`` -> (the protocol recorded in every result, what each student
+    task needs to load the teacher, or None for hard labels). With ``classes``, the teacher is loaded once
+    here, so that a class it does not know stops the command before any student starts."""
+    if labels not in LABELS:
+        raise TeacherError(f"--labels must be one of {', '.join(LABELS)}, got {labels!r}")
+    if labels == "hard":
+        if teacher != "auto" or temperature != DEFAULT_TEMPERATURE:
+            raise TeacherError("--teacher and --soft-temperature apply to --labels soft")
+        return label_protocol("hard"), None
+    if not temperature > 0:
+        raise TeacherError(f"--soft-temperature must be > 0, got {temperature}")
+    ref = resolve_teacher(teacher, dataset)
+    if classes is not None:
+        load_teacher(ref.spec, classes)
+    soft = {"teacher": ref.spec, "classes": list(classes or []), "temperature": float(temperature)}
+    return label_protocol("soft", ref, temperature), soft
+
+
 # -------------------------------------------------------------------------------------------- CLI
 def parse_student_settings(items: list[str]) -> dict:
     """``--student key=value`` -> typed StudentRecipe overrides."""
@@ -216,6 +251,14 @@ def add_student_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=0, help="students at once (0 = cluster CPUs, or GPUs)")
     p.add_argument("--features", default="auto",
                    help="auto | none | mnist10k | inception-v3[:PATH] | resnet18[:PATH] | featurenet:PATH")
+    p.add_argument("--labels", default="hard", choices=LABELS,
+                   help="hard: cross-entropy on the set's labels; soft: every augmented batch relabelled by "
+                   "--teacher, KL loss at --soft-temperature (the RDED / SRe2L protocol)")
+    p.add_argument("--teacher", default="auto",
+                   help="with --labels soft: auto (the shipped net of a built-in dataset, else resnet18 if "
+                   "staged) | mnist10k | resnet18[:PATH] | featurenet:PATH")
+    p.add_argument("--soft-temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"with --labels soft: softmax temperature T of the KL loss (x T^2); {DEFAULT_TEMPERATURE:g}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -224,6 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         images, labels, classes = load_distilled(Path(args.distilled))
         test_x, test_y = load_test(args.test, classes, images.shape[1])
         overrides = parse_student_settings(args.student)
+        protocol, soft = resolve_labels(args.labels, args.teacher, args.soft_temperature, args.test, classes)
         extractor = resolve_features(args.features, args.test)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"manifoldgd: error: {exc}", file=sys.stderr)
@@ -233,8 +277,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     recipes = {a: recipe_for(args.profile, ipc, len(images), fast_steps=args.fast_steps, **{**overrides, "arch": a})
                for a in archs}
     print(f"evaluate: {len(images)} distilled images ({len(classes)} classes, up to {ipc} per class) -> "
-          f"{len(test_y)} real test images; {len(archs)} architecture(s) x {args.seeds} seed(s)", flush=True)
-    jobs = [StudentJob(f"{a}/seed{s}", images, labels, len(classes), asdict(recipes[a]), s)
+          f"{len(test_y)} real test images; {len(archs)} architecture(s) x {args.seeds} seed(s); "
+          f"{describe_labels(protocol)}", flush=True)
+    jobs = [StudentJob(f"{a}/seed{s}", images, labels, len(classes), asdict(recipes[a]), s, soft)
             for a in archs for s in range(args.seeds)]
     per_arch: dict[str, list] = {a: [] for a in archs}
 
@@ -246,7 +291,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     run_student_jobs(jobs, (test_x, test_y), done, args.workers)
     report = {"distilled": str(args.distilled), "test": args.test, "n_distilled": int(len(images)),
-              "n_test": int(len(test_y)), "classes": classes, "ipc": ipc, "results": {}}
+              "n_test": int(len(test_y)), "classes": classes, "ipc": ipc, "labels": protocol, "results": {}}
     for a in archs:
         runs = sorted(per_arch[a], key=lambda r: r["seed"])
         report["results"][a] = {"recipe": recipes[a].describe(), **summarise(runs), "seeds": runs}
@@ -257,7 +302,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out.write_text(json.dumps(report, indent=2) + "\n")
     for a in archs:
         f, b = report["results"][a]["final_top1"], report["results"][a]["best_epoch_top1"]
-        print(f"{a}: top-1 (final epoch) {f['mean']:.2f} +- {f['std']:.2f} %   "
+        print(f"{a}, {describe_labels(protocol)}: top-1 (final epoch) {f['mean']:.2f} +- {f['std']:.2f} %   "
               f"[best epoch: {b['mean']:.2f} +- {b['std']:.2f} %]  over {f['n']} seed(s)")
     if extractor is not None:
         m = report["metrics"]

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.common.images import folder_contact_sheet
+from pipeline.eval.teachers import describe_labels
 
 PALETTE = [(90, 90, 90), (160, 160, 160), (76, 114, 176), (221, 132, 82), (85, 168, 104), (196, 78, 82),
            (129, 114, 179), (147, 120, 96), (218, 139, 195), (140, 140, 60), (100, 181, 205), (255, 196, 0),
@@ -33,8 +34,9 @@ def split_name(results: dict) -> str:
 
 def markdown(results: dict, parts=("commands", "main", "ladder", "variants", "metrics", "copies")) -> str:
     """Top-1 tables (final epoch headline, best epoch beside it) for the main methods, the ladder and the
-    variants, per architecture; then the distribution metrics with the feature extractor named; then the
-    copy detection. ``parts`` picks the sections (README shows fewer than docs/evaluation.md)."""
+    variants, per architecture, each header naming the label protocol (``results["protocol"]``; none = hard
+    labels); then the distribution metrics with the feature extractor named; then the copy detection.
+    ``parts`` picks the sections (README shows fewer than docs/evaluation.md)."""
     rows = results["rows"]
     if not rows:
         return "no finished cells yet\n"
@@ -49,7 +51,7 @@ def markdown(results: dict, parts=("commands", "main", "ladder", "variants", "me
     for arch in archs:
         by = _rows(results, arch)
         recipe = results.get("recipe", {}).get(arch, arch)
-        lines += [f"#### Top-1 (%) on {split_name(results)}, {recipe}", "",
+        lines += [f"#### Top-1 (%) on {split_name(results)}, {describe_labels(results.get('protocol'))}, {recipe}", "",
                   "Final epoch (headline); [best epoch, as the public code reports it]; mean +- std over seeds "
                   "(n = seeds that finished).", ""]
 
@@ -167,7 +169,8 @@ def bar_chart(results: dict, path: Path, arch: str | None = None) -> Path | None
     img = Image.new("RGB", (max(width, 640), height), "white")
     draw = ImageDraw.Draw(img)
     f_tiny, f_small, f_title = _font(10), _font(12), _font(15)
-    draw.text((left, 12), f"Top-1 on real test (%), final epoch, {arch}; error bar = std over seeds",
+    draw.text((left, 12), f"Top-1 on real test (%), final epoch, {arch}, {describe_labels(results.get('protocol'))}; "
+              "error bar = std over seeds",
               fill="black", font=f_title)
     y0 = top + plot_h
 

@@ -4,7 +4,9 @@
     docs/results/*.jsonl    the committed copy the README and docs tables are generated from
 
 A record is one (method, IPC, seed, architecture) cell: the method's label and distill settings, the test
-split that scored it, the student recipe, the command that made it, the student's top-1 (fractions, as the
+split that scored it, the student recipe, the label protocol (``labels``: ``{"kind": "hard"}`` or the soft
+labels' teacher and temperature; a record without it, as the ones written before the field existed, was
+trained with hard labels), the command that made it, the student's top-1 (fractions, as the
 cells), the set's distribution metrics and its copy-detection summary. Lines are sorted, keys sorted, so
 the file diffs cleanly. ``manifoldgd benchmark --report-only --results-file FILE --into README.md`` rebuilds
 the tables from the file alone (no cell folder needed) and rewrites the marked blocks of the given files.
@@ -16,6 +18,7 @@ import re
 from pathlib import Path
 
 from pipeline.eval.methods import METHODS, Method
+from pipeline.eval.teachers import labels_of
 
 COPY_KEYS = ("frac_closer_than_any_train_pair", "frac_below_train_nn_p5", "nn_ratio_median")
 
@@ -43,7 +46,7 @@ def record(cell: dict, method: Method, test: str, recipe: str) -> dict:
             "command": cell.get("command", ""), "n_images": cell.get("n_images"),
             "student": {k: student[k] for k in ("final_top1", "best_top1", "seconds")},
             "metrics": cell.get("metrics") or {}, "copies": compact_copies(cell.get("copies")),
-            "distill_seconds": cell.get("distill_seconds")}
+            "distill_seconds": cell.get("distill_seconds"), "labels": labels_of(cell)}
 
 
 def sort_key(r: dict) -> tuple:

@@ -1,4 +1,6 @@
-"""Students trained from scratch on a (distilled) set with hard labels, and tested on real images.
+"""Students trained from scratch on a (distilled) set, and tested on real images: with hard labels (the
+set's class labels, cross-entropy), or with soft labels from a teacher (``fit(..., teacher=...)``:
+pipeline/eval/teachers.py).
 
 Architectures (docs/method.md section 5), all with instance norm (GroupNorm with one group per channel):
 - ``convnet`` / ``convnet-N``: N x [conv3x3 -> norm -> ReLU -> avgpool 2] -> linear; width 128. Depth by
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -285,9 +288,24 @@ def _eval_epochs(epochs: int, points: int) -> set[int]:
     return {round(epochs * k / points) for k in range(1, points + 1)}
 
 
+def soft_label_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 KL(softmax(teacher / T) || softmax(student / T)), averaged over the batch: the soft-label loss
+    (the T^2 keeps its gradients on the scale of the cross-entropy's as T changes)."""
+    t = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                    reduction="batchmean", log_target=True) * (t * t)
+
+
 def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: StudentRecipe, seed: int = 0, *,
-        test: tuple[np.ndarray, np.ndarray] | None = None, device: str = "cpu") -> StudentResult:
-    """Train one student; with ``test`` = (images, labels), measure top-1 at ``recipe.eval_points`` epochs."""
+        test: tuple[np.ndarray, np.ndarray] | None = None, device: str = "cpu",
+        teacher: Callable[[torch.Tensor], torch.Tensor] | None = None, temperature: float = 20.0) -> StudentResult:
+    """Train one student; with ``test`` = (images, labels), measure top-1 at ``recipe.eval_points`` epochs.
+
+    ``teacher``: the soft-label protocol. Every augmented batch (after crop, flip, jitter and CutMix) is
+    relabelled by ``teacher(batch)`` (logits over the set's classes, in label order; no gradient) and the
+    student minimises ``soft_label_loss`` at ``temperature`` instead of the cross-entropy on ``labels``.
+    The teacher draws nothing: the augmentation draws, and so the batches, are those of hard labels.
+    """
     start = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -307,8 +325,15 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, recipe: Studen
         if recipe.cutmix_prob > 0 and rng.random() < recipe.cutmix_prob:
             xb, ya, yb2, lam = cutmix(xb, yb, recipe.cutmix_beta, rng, gen)
             out = model(xb)
+            if teacher is not None:
+                return soft_label_loss(out, relabel(xb), temperature)
             return lam * F.cross_entropy(out, ya) + (1 - lam) * F.cross_entropy(out, yb2)
-        return F.cross_entropy(model(xb), yb)
+        out = model(xb)
+        return F.cross_entropy(out, yb) if teacher is None else soft_label_loss(out, relabel(xb), temperature)
+
+    def relabel(xb):
+        with torch.no_grad():
+            return teacher(xb).detach()
 
     def end_epoch(epoch):
         if epoch in checkpoints:
