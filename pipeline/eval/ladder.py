@@ -1,9 +1,9 @@
 """The tuned ablation ladder and the guidance options beyond the paper, chosen on val with enough seeds.
 
-    python -m pipeline.eval.ladder run    --ipc 10 --out runs/ladder_ipc10   # screen every setting, confirm the top 3
-    python -m pipeline.eval.ladder choose --ipc 10 --out runs/ladder_ipc10 \\
+    python -m pipeline.eval.ladder run    --ipc 10 --out runs/ladder10   # screen every setting, confirm the top 3
+    python -m pipeline.eval.ladder choose --ipc 10 --out runs/ladder10 \\
         --results docs/results/mnist10k_ladder_ipc10.json                   # each method's winner, from val alone
-    python -m pipeline.eval.ladder report --results docs/results/mnist10k_ladder_ipc10.json --into docs/evaluation.md
+    python -m pipeline.eval.ladder report --results docs/results/mnist10k_ladder_ipc10.json --into docs/ladder.md
     python -m pipeline.eval.ladder score  --results docs/results/mnist10k_ladder_ipc10.json \\
         --out runs/ladder_test --records docs/results/mnist10k_ladder.jsonl  # the winners, once, on test seeds 0-4
     python -m pipeline.eval.ladder table  --records docs/results/mnist10k_ladder.jsonl --into README.md
@@ -98,8 +98,8 @@ def variants(budget: int, seed: int, methods: list[str] | None = None) -> dict[s
 class LadderOptions:
     """One `python -m pipeline.eval.ladder` command, typed (``DEFAULTS`` are its protocol fields)."""
 
-    action: str                     # run | choose | report | score
-    out: str = "runs/ladder_ipc10"
+    action: str                     # run | choose | report | score | table
+    out: str = "runs/ladder10"
     budget: int = DEFAULTS["budget"]
     seed: int = DEFAULTS["seed"]
     ipc: int = DEFAULTS["ipc"]
@@ -280,7 +280,7 @@ def parse_options(argv: list[str] | None = None) -> LadderOptions:
     p.add_argument("action", choices=("run", "choose", "report", "score", "table"),
                    help="run = screen then confirm; choose = winners from the cells; report = tables from --results; "
                    "score = the winners on the test split, seeds 0-4; table = the test table from --records")
-    p.add_argument("--out", default="runs/ladder_ipc10")
+    p.add_argument("--out", default="runs/ladder10")
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), default=value)
     p.add_argument("--methods", default="", help=f"run: only these (comma-separated) of {', '.join(SPACES)}")
