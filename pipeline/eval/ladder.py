@@ -71,6 +71,10 @@ SPACES = {sp.base: sp for sp in (
            "sampler.project_min_signal": (0.1, 0.3, 0.5)}),
     Space("repel", "rep", {**MODE, "sampler.repulsion": 0.3},
           {**MODE_GRID, "sampler.repulsion": (0.1, 0.3, 1.0)}),
+    # the control for the projected methods, which all carry the trust region: MGD3 with it, its lambda
+    # grid shifted up since the cap removes the divergence that limits MGD3's lambda
+    Space("trust", "tru", {**MODE, "sampler.trust_region": 1.0},
+          {"sampler.guidance_scale": (0.2, 0.3, 0.5), "sampler.t_stop": (0, 10, 25)}),
 )}
 # The ladder's rungs in order, and what each adds to the one before.
 RUNGS = (("dit", "DiT, no guidance"), ("mgd3", "+ mode guidance toward k-means centroids (MGD3)"),
@@ -78,7 +82,7 @@ RUNGS = (("dit", "DiT, no guidance"), ("mgd3", "+ mode guidance toward k-means c
          ("manifold", "+ tangent projection (no annealing)"), ("manifoldgd", "+ radius annealing (= ManifoldGD)"))
 OPTIONS = (("public", "the public code's variant: mode term + unit pull"),
            ("noiseaware", "noise-aware projection (project only at signal >= s_min)"),
-           ("repel", "MGD3 + within-class repulsion"))
+           ("repel", "MGD3 + within-class repulsion"), ("trust", "MGD3 + trust region (the control)"))
 DEFAULTS = {"budget": 4, "seed": 0, "ipc": 10, "screen": "10-11", "confirm": "12-14", "top": 3,
             "test": "mnist10k:val", "data": "mnist10k"}
 SCORE_SEEDS = "0-4"

@@ -30,12 +30,13 @@ METHODS = {m.name: m for m in (
     Method("noiseaware", "ManifoldGD, projected only at low noise", "distill", "manifold", "divisive",
            ("sampler.project_min_signal=0.1",)),
     Method("repel", "MGD3 + within-class repulsion", "distill", "mode", "kmeans", ("sampler.repulsion=0.3",)),
+    Method("trust", "MGD3 + trust region", "distill", "mode", "kmeans", ("sampler.trust_region=1.0",)),
 )}
 MAIN = ("random", "kmeans_real", "dit", "mgd3", "manifoldgd")
 # docs/method.md section 6: k-means -> divisive -> divisive level-wise -> + manifold guidance -> + radius annealing
 LADDER = (("k-means", "mgd3"), ("divisive", "divisive"), ("divisive level-wise", "levelwise"),
           ("+ manifold guidance", "manifold"), ("+ radius annealing (= ManifoldGD)", "manifoldgd"))
-OPTIONS = ("public", "noiseaware", "repel")
+OPTIONS = ("public", "noiseaware", "repel", "trust")
 ALIASES = {"ladder": [m for _, m in LADDER], "main": list(MAIN), "options": list(OPTIONS), "all": list(METHODS)}
 
 
