@@ -210,7 +210,7 @@ def ladder_markdown(result: dict) -> str:
             name = f"**{r['variant']}, chosen**" if r["variant"] == chosen else r["variant"]
             per = " / ".join(f"{v:.1f}" for _, v in sorted(r["per_seed"].items(), key=lambda kv: int(kv[0])))
             screen = "-" if r["screen"]["mean"] is None else f"{r['screen']['mean']:.2f}"
-            every = "-" if not r["all"] or r["all"]["mean"] is None else f"{r['all']['mean']:.2f}"
+            every = f"{r['all']['mean']:.2f}" if r["all"] and r["all"]["n"] == len(seeds) else "-"
             lines.append(f"| {name} | " + " | ".join(str(r["settings"][k]) for k in knobs)
                          + f" | {per} | {screen} | {every} |")
         lines.append("")

@@ -1,0 +1,48 @@
+"""The committed ladder results: the val sweep's file is what the code draws and what docs/ladder.md shows;
+the test records score exactly the val winners, on seeds the sweep never used; the tables regenerate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.eval import ladder
+from pipeline.eval.benchmark_options import parse_seeds
+from pipeline.eval.methods import METHODS
+from pipeline.eval.results import read_blocks, read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+VAL = ROOT / "docs" / "results" / "mnist10k_ladder_ipc10.json"
+TEST = ROOT / "docs" / "results" / "mnist10k_ladder.jsonl"
+
+
+def test_the_val_sweep_is_what_the_code_draws_and_what_the_doc_shows():
+    result = json.loads(VAL.read_text())
+    proto = result["protocol"]
+    assert proto["test"] == "mnist10k:val"
+    for base, rows in result["settings"].items():
+        drawn = ladder.variants(proto["budget"], proto["seed"], [base])
+        assert {r["variant"]: r["settings"] for r in rows} == {n: s for n, (_, s) in drawn.items()}, base
+        screen = [str(s) for s in parse_seeds(proto["screen"])]
+        for r in rows:  # every setting was screened on every screening seed
+            assert set(screen) <= set(r["per_seed"]), (base, r["variant"])
+    for chosen in result["chosen"].values():  # a winner was confirmed on every seed
+        assert chosen["all"]["n"] == len(parse_seeds(proto["screen"]) + parse_seeds(proto["confirm"]))
+    assert read_blocks(ROOT / "docs" / "ladder.md")[f"ladder_ipc{proto['ipc']}"].strip() == \
+        ladder.ladder_markdown(result).strip()
+
+
+def test_the_test_records_score_the_val_winners_once_on_other_seeds():
+    result = json.loads(VAL.read_text())
+    proto = result["protocol"]
+    records = read_records(TEST)
+    assert records and {r["test"] for r in records} == {"mnist10k:test"}
+    tuning = set(parse_seeds(proto["screen"]) + parse_seeds(proto["confirm"]))
+    assert {r["seed"] for r in records} == set(parse_seeds(ladder.SCORE_SEEDS)) and not tuning & {r["seed"] for r in records}
+    winners = ladder.winners_table(result)
+    for r in (r for r in records if r["ipc"] == proto["ipc"]):
+        assert r["method"] in winners, f"{r['method']} was not chosen on val"
+        base, settings = winners[r["method"]]
+        assert r["sets"] == [*METHODS[base].sets, *(f"{k}={v}" for k, v in settings.items())]
+    text = ladder.test_table(records).strip()
+    for doc in ("README.md", "docs/ladder.md"):
+        assert read_blocks(ROOT / doc)["ladder_test"].strip() == text, doc
