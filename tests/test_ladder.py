@@ -135,3 +135,26 @@ def test_the_test_table_is_made_from_the_records_alone(tmp_path):
     assert "old" not in text and "mnist10k:test" in text
     assert "**90.4 +- 0.3** [95.0 +- 0.0] (n=5)" in text and "**92.4 +- 0.3** [95.0 +- 0.0] (n=5)" in text
     assert text.index("MGD3 (mode + k-means)") < text.index("within-class repulsion")  # the ladder's order
+
+
+def test_the_sheet_shows_each_winners_set_with_its_flagged_samples_framed(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    result = {"protocol": {**ladder.DEFAULTS}, "chosen": {
+        "mgd3": {"variant": "mgd3_t01", "all": {"mean": 90.0}}, "repel": {"variant": "rep_t02", "all": {"mean": 91.0}},
+        "trust": {"variant": "tru_t00", "all": {"mean": 92.0}}}}  # trust has no set on disk: left out
+    for variant, flagged in (("mgd3_t01", ["train/b/b_0001.png"]), ("rep_t02", [])):
+        run = tmp_path / "distill" / variant / "ipc10_seed10"
+        for cls in ("a", "b"):
+            (run / "train" / cls).mkdir(parents=True)
+            for k in range(2):
+                Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(run / "train" / cls / f"{cls}_{k:04d}.png")
+        (run / "run.json").write_text(json.dumps({"health": {"flagged_images": flagged}}))
+    picture = np.asarray(Image.open(ladder.sheet(tmp_path, result, tmp_path / "s.png")).convert("RGB"))
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 80)
+    columns = np.flatnonzero(red.any(0))
+    assert red.any() and columns.max() < picture.shape[1] // 2  # the one flagged sample, in the first panel
+    assert picture.shape[1] > 2 * 4 * 2  # two panels side by side
+    with pytest.raises(ValueError, match="no chosen method"):
+        ladder.sheet(tmp_path / "empty", result, tmp_path / "t.png")

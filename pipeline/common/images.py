@@ -67,15 +67,20 @@ def contact_sheet(rows: list[list[np.ndarray]], pad: int = 2, zoom: int = 1,
     return image.resize((sheet.shape[1] * zoom, sheet.shape[0] * zoom), Image.NEAREST) if zoom > 1 else image
 
 
-def folder_contact_sheet(train_dir: Path, out_path: Path, flagged=()) -> Path:
-    """The contact sheet of a distilled ``train/<class>/*.png`` folder: one row per class (sorted), 3x.
+def folder_sheet(train_dir: Path, flagged=(), zoom: int = 3) -> Image.Image:
+    """The contact sheet of a distilled ``train/<class>/*.png`` folder: one row per class (sorted), ``zoom`` x.
     ``flagged``: image paths (relative to the run folder, as in the manifest, or absolute) framed in red."""
     train_dir = Path(train_dir)
     flagged = {Path(f).name for f in flagged}
     paths = [sorted(cls.glob("*.png")) for cls in sorted(p for p in train_dir.iterdir() if p.is_dir())]
     rows = [[np.asarray(Image.open(p).convert("RGB")) for p in row] for row in paths]
     marked = {(i, j) for i, row in enumerate(paths) for j, p in enumerate(row) if p.name in flagged}
-    contact_sheet(rows, zoom=3, marked=marked).save(out_path)
+    return contact_sheet(rows, zoom=zoom, marked=marked)
+
+
+def folder_contact_sheet(train_dir: Path, out_path: Path, flagged=()) -> Path:
+    """``folder_sheet`` at 3x, saved to ``out_path``."""
+    folder_sheet(train_dir, flagged).save(out_path)
     return out_path
 
 

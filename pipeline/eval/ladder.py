@@ -7,6 +7,8 @@
     python -m pipeline.eval.ladder score  --results docs/results/mnist10k_ladder_ipc10.json \\
         --out runs/ladder_test --records docs/results/mnist10k_ladder.jsonl  # the winners, once, on test seeds 0-4
     python -m pipeline.eval.ladder table  --records docs/results/mnist10k_ladder.jsonl --into README.md
+    python -m pipeline.eval.ladder sheet  --results docs/results/mnist10k_ladder_ipc10.json --out runs/ladder10 \\
+        --to docs/img/ladder_ipc10.png                                      # every winner's set, flagged in red
 
 Every method (each rung of the ladder: DiT, MGD3, the divisive tree, level-wise selection, the tangent
 projection, radius annealing; the public code's variant; the new options) gets the same budget of
@@ -118,6 +120,7 @@ class LadderOptions:
     into: tuple[str, ...] = ()
     write_defaults: bool = False
     records: str | None = None      # score: where the test records go; table: where they are read
+    to: str | None = None           # sheet: the PNG
 
     def protocol(self) -> dict:
         return {k: getattr(self, k) for k in DEFAULTS}
@@ -279,11 +282,47 @@ def write_test_table(path: Path, into: tuple[str, ...]) -> int:
     return 0
 
 
+def sheet(out: Path, result: dict, path: Path, seed: int | None = None) -> Path:
+    """One panel per method: the contact sheet of its val winner's set (the first screening seed), the
+    samples the health check flagged framed in red, the method's name and val score above."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    from pipeline.common.images import folder_sheet  # noqa: PLC0415
+
+    proto = result["protocol"]
+    seed = parse_seeds(proto["screen"])[0] if seed is None else seed
+    panels = []
+    for base, _ in (*RUNGS, *OPTIONS):
+        ch = result["chosen"].get(base)
+        run = out / "distill" / ch["variant"] / f"ipc{proto['ipc']}_seed{seed}" if ch else None
+        if run is None or not (run / "run.json").exists():
+            continue
+        flagged = (json.loads((run / "run.json").read_text()).get("health") or {}).get("flagged_images", [])
+        image = folder_sheet(run / "train", flagged, zoom=1)
+        panel = Image.new("RGB", (image.width, image.height + 28), "white")
+        panel.paste(image, (0, 28))
+        text = f"{base} ({ch['variant']})\nval {ch['all']['mean']:.1f}, {len(flagged)} flagged"
+        ImageDraw.Draw(panel).multiline_text((2, 1), text, fill="black", spacing=1)
+        panels.append(panel)
+    if not panels:
+        raise ValueError(f"no chosen method has a set under {out}")
+    width = sum(p.width for p in panels) + 6 * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, max(p.height for p in panels)), "white")
+    x = 0
+    for panel in panels:
+        canvas.paste(panel, (x, 0))
+        x += panel.width + 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 def parse_options(argv: list[str] | None = None) -> LadderOptions:
     p = argparse.ArgumentParser(prog="python -m pipeline.eval.ladder", description=__doc__.split("\n\n")[0])
-    p.add_argument("action", choices=("run", "choose", "report", "score", "table"),
+    p.add_argument("action", choices=("run", "choose", "report", "score", "table", "sheet"),
                    help="run = screen then confirm; choose = winners from the cells; report = tables from --results; "
-                   "score = the winners on the test split, seeds 0-4; table = the test table from --records")
+                   "score = the winners on the test split, seeds 0-4; table = the test table from --records; "
+                   "sheet = the winners' sets side by side (--to PNG)")
     p.add_argument("--out", default="runs/ladder10")
     for key, value in DEFAULTS.items():
         p.add_argument(f"--{key}", type=type(value), default=value)
@@ -296,6 +335,7 @@ def parse_options(argv: list[str] | None = None) -> LadderOptions:
                    help="rewrite the <!-- results:ladder_ipcN begin/end --> block of FILE")
     p.add_argument("--records", metavar="FILE", help="score: copy the test records here (JSON lines); "
                    "table: read them")
+    p.add_argument("--to", metavar="PNG", help="sheet: where the picture goes")
     p.add_argument("--write-defaults", action="store_true",
                    help="choose: write the winners into pipeline/priors/<data>/distill_defaults.yaml")
     args = p.parse_args(argv)
@@ -325,6 +365,9 @@ def run_ladder(opts: LadderOptions) -> int:
                        + " ".join(f"--{k} {v}" for k, v in opts.protocol().items())})
     else:
         result = json.loads(Path(opts.results).read_text())
+    if opts.action == "sheet":
+        print(f"wrote {sheet(Path(opts.out), result, Path(opts.to or 'ladder.png'))}")
+        return 0
     if opts.action == "score":
         proto = result["protocol"]
         test = proto["test"].split(":")[0] + ":test"
