@@ -313,7 +313,7 @@ def sheet(out: Path, result: dict, path: Path, seed: int | None = None) -> Path:
         canvas.paste(panel, (x, 0))
         x += panel.width + 6
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    canvas.convert("P", palette=Image.ADAPTIVE, colors=64).save(path, optimize=True)  # a figure: 64 colours
     return path
 
 

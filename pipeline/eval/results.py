@@ -79,7 +79,7 @@ def methods_of(records: list[dict]) -> dict[str, Method]:
 
 
 # ------------------------------------------------------------------------ marked blocks in documents
-BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z_]+) begin[^>]*-->\n)(?P<body>.*?)(<!-- results:(?P=name) end -->)",
+BLOCK = re.compile(r"(<!-- results:(?P<name>[a-z0-9_]+) begin[^>]*-->\n)(?P<body>.*?)(<!-- results:(?P=name) end -->)",
                    re.S)
 
 
