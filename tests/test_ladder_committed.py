@@ -22,9 +22,10 @@ def test_the_val_sweep_is_what_the_code_draws_and_what_the_doc_shows():
     for base, rows in result["settings"].items():
         drawn = ladder.variants(proto["budget"], proto["seed"], [base])
         assert {r["variant"]: r["settings"] for r in rows} == {n: s for n, (_, s) in drawn.items()}, base
-        screen = [str(s) for s in parse_seeds(proto["screen"])]
-        for r in rows:  # every setting was screened on every screening seed
-            assert set(screen) <= set(r["per_seed"]), (base, r["variant"])
+        seeds = {str(s) for s in parse_seeds(proto["screen"]) + parse_seeds(proto["confirm"])}
+        for r in rows:  # only tuning seeds; a shortlisted setting was screened on every screening seed
+            assert set(r["per_seed"]) <= seeds, (base, r["variant"])
+            assert not r["shortlisted"] or r["screen"]["n"] == len(parse_seeds(proto["screen"]))
     for chosen in result["chosen"].values():  # a winner was confirmed on every seed
         assert chosen["all"]["n"] == len(parse_seeds(proto["screen"]) + parse_seeds(proto["confirm"]))
     assert read_blocks(ROOT / "docs" / "ladder.md")[f"ladder_ipc{proto['ipc']}"].strip() == \
