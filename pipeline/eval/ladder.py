@@ -198,7 +198,7 @@ def ladder_markdown(result: dict) -> str:
             lines.append(f"| {label} | (not finished) | - |")
             continue
         start = expand(SPACES[base].published)
-        changed = ", ".join(f"{k.split('.')[-1]} {v}" for k, v in ch["settings"].items() if start.get(k) != v)
+        changed = ", ".join(f"{k.split('.')[-1]} {ch['settings'][k]}" for k in start if start[k] != ch["settings"][k])
         lines.append(f"| {label} | {ch['variant']}: {changed or 'the starting setting'} | "
                      f"{ch['all']['mean']:.2f} +- {ch['all']['std']:.2f} |")
     lines.append("")
