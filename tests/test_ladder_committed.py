@@ -5,19 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from pipeline.eval import ladder
 from pipeline.eval.benchmark_options import parse_seeds
 from pipeline.eval.methods import METHODS
 from pipeline.eval.results import read_blocks, read_records
 
 ROOT = Path(__file__).resolve().parents[1]
-VAL = ROOT / "docs" / "results" / "mnist10k_ladder_ipc10.json"
+VALS = sorted((ROOT / "docs" / "results").glob("mnist10k_ladder_ipc*.json"))
 TEST = ROOT / "docs" / "results" / "mnist10k_ladder.jsonl"
 
 
-def test_the_val_sweep_is_what_the_code_draws_and_what_the_doc_shows():
-    result = json.loads(VAL.read_text())
+@pytest.mark.parametrize("path", VALS, ids=lambda p: p.name)
+def test_the_val_sweep_is_what_the_code_draws_and_what_the_doc_shows(path):
+    result = json.loads(path.read_text())
     proto = result["protocol"]
+    assert path.name == f"mnist10k_ladder_ipc{proto['ipc']}.json"
     assert proto["test"] == "mnist10k:val"
     for base, rows in result["settings"].items():
         drawn = ladder.variants(proto["budget"], proto["seed"], [base])
@@ -33,17 +37,21 @@ def test_the_val_sweep_is_what_the_code_draws_and_what_the_doc_shows():
 
 
 def test_the_test_records_score_the_val_winners_once_on_other_seeds():
-    result = json.loads(VAL.read_text())
-    proto = result["protocol"]
     records = read_records(TEST)
     assert records and {r["test"] for r in records} == {"mnist10k:test"}
-    tuning = set(parse_seeds(proto["screen"]) + parse_seeds(proto["confirm"]))
-    assert {r["seed"] for r in records} == set(parse_seeds(ladder.SCORE_SEEDS)) and not tuning & {r["seed"] for r in records}
-    winners = ladder.winners_table(result)
-    for r in (r for r in records if r["ipc"] == proto["ipc"]):
-        assert r["method"] in winners, f"{r['method']} was not chosen on val"
-        base, settings = winners[r["method"]]
-        assert r["sets"] == [*METHODS[base].sets, *(f"{k}={v}" for k, v in settings.items())]
+    vals = {json.loads(p.read_text())["protocol"]["ipc"]: json.loads(p.read_text()) for p in VALS}
+    assert {r["ipc"] for r in records} <= set(vals)  # no IPC scored on test without its val sweep
+    for ipc, result in vals.items():
+        proto = result["protocol"]
+        tuning = set(parse_seeds(proto["screen"]) + parse_seeds(proto["confirm"]))
+        scored = [r for r in records if r["ipc"] == ipc]
+        assert not tuning & {r["seed"] for r in scored}
+        assert all(r["seed"] in parse_seeds(ladder.SCORE_SEEDS) for r in scored)
+        winners = ladder.winners_table(result)
+        for r in scored:
+            assert r["method"] in winners, f"{r['method']} was not chosen on val at IPC {ipc}"
+            base, settings = winners[r["method"]]
+            assert r["sets"] == [*METHODS[base].sets, *(f"{k}={v}" for k, v in settings.items())]
     text = ladder.test_table(records).strip()
     for doc in ("README.md", "docs/ladder.md"):
         assert read_blocks(ROOT / doc)["ladder_test"].strip() == text, doc

@@ -262,15 +262,17 @@ def defaults_yaml(result: dict, results_path: str) -> str:
 
 
 def test_table(records: list[dict]) -> str:
-    """The winners' test scores (final-epoch top-1, mean +- std over the seeds, per IPC) and their distribution
-    metrics, from the records alone."""
-    table = methods_of(records)
+    """The winners' test scores (final-epoch top-1, mean +- std over the seeds) and their distribution metrics,
+    from the records alone: one table per IPC, since each IPC has its own winners under the same names."""
     order = [f"{b}_val" for b, _ in (*RUNGS, *OPTIONS)]
-    methods = [m for m in order if any(r["method"] == m for r in records)]
-    ipcs = sorted({r["ipc"] for r in records})
-    results = aggregate(records, methods, ipcs, ["convnet"], table)
-    results.update({"test": records[0]["test"], "archs": ["convnet"], "recipe": {"convnet": records[0]["recipe"]}})
-    return report.markdown(results, parts=("commands", "variants", "metrics"))
+    parts = []
+    for ipc in sorted({r["ipc"] for r in records}):
+        subset = [r for r in records if r["ipc"] == ipc]
+        methods = [m for m in order if any(r["method"] == m for r in subset)]
+        results = aggregate(subset, methods, [ipc], ["convnet"], methods_of(subset))
+        results.update({"test": subset[0]["test"], "archs": ["convnet"], "recipe": {"convnet": subset[0]["recipe"]}})
+        parts.append(f"**IPC {ipc}**\n\n" + report.markdown(results, parts=("commands", "variants", "metrics")))
+    return "\n".join(parts)
 
 
 def write_test_table(path: Path, into: tuple[str, ...]) -> int:
