@@ -189,18 +189,30 @@ def ladder_markdown(result: dict) -> str:
              f"scored on `{proto['test']}`, IPC {proto['ipc']}; {proto['budget']} settings per method, each "
              f"screened with seeds {proto['screen']}, the top {proto['top']} of each method confirmed with "
              f"seeds {proto['confirm']}.", "",
-             f"| rung / option | chosen setting | val top-1, mean +- std over {len(seeds)} seeds |", "| --- | --- | --- |"]
+             "| rung / option | chosen setting (or, screened only: the best screened) | val top-1, mean +- std "
+             "over the seeds |", "| --- | --- | --- |"]
+    n_screen = len(parse_seeds(proto["screen"]))
     for base, label in (*RUNGS, *OPTIONS):
-        ch = result["chosen"].get(base)
         if base not in result["settings"]:
             continue
-        if ch is None:
-            lines.append(f"| {label} | (not finished) | - |")
-            continue
         start = expand(SPACES[base].published)
-        changed = ", ".join(f"{k.split('.')[-1]} {ch['settings'][k]}" for k in start if start[k] != ch["settings"][k])
-        lines.append(f"| {label} | {ch['variant']}: {changed or 'the starting setting'} | "
-                     f"{ch['all']['mean']:.2f} +- {ch['all']['std']:.2f} |")
+
+        def named(row, start=start):
+            changed = ", ".join(f"{k.split('.')[-1]} {row['settings'][k]}" for k in start
+                                if start[k] != row["settings"][k])
+            return f"{row['variant']}: {changed or 'the starting setting'}"
+
+        ch = result["chosen"].get(base)
+        screened = [r for r in result["settings"][base] if r["screen"]["n"] == n_screen]
+        if ch is not None:
+            lines.append(f"| {label} | {named(ch)} | {ch['all']['mean']:.2f} +- {ch['all']['std']:.2f} "
+                         f"({ch['all']['n']} seeds) |")
+        elif len(screened) == len(result["settings"][base]):
+            best = max(screened, key=lambda r: r["screen"]["mean"])
+            lines.append(f"| {label} | screened only: {named(best)} | {best['screen']['mean']:.2f} +- "
+                         f"{best['screen']['std']:.2f} ({n_screen} seeds) |")
+        else:
+            lines.append(f"| {label} | not run yet | - |")
     lines.append("")
     for base, rows in result["settings"].items():
         knobs = list(expand(SPACES[base].published))
