@@ -214,7 +214,8 @@ def ladder_markdown(result: dict) -> str:
         else:
             lines.append(f"| {label} | not run yet | - |")
     lines.append("")
-    for base, rows in result["settings"].items():
+    for base in (b for b in SPACES if b in result["settings"]):  # the spaces' order, whatever the file's
+        rows = result["settings"][base]
         knobs = list(expand(SPACES[base].published))
         lines += [f"{base}: " + ", ".join(f"{k} {v}" for k, v in expand(SPACES[base].published).items())
                   + " (starting setting)", "",
