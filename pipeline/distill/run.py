@@ -134,23 +134,25 @@ def brings_own_vae(ref: str) -> bool:
     return (folder.expanduser() / "vae" / "config.json").is_file()
 
 
+def tuned_file(name: str) -> dict:
+    """A built-in prior's ``priors/<name>/distill_defaults.yaml`` (empty when it has none)."""
+    path = Path(resolve(BUILTIN + name)) / "distill_defaults.yaml"
+    return (load_yaml(str(path)) or {}) if path.is_file() else {}
+
+
 def prior_defaults(name: str, guidance: str) -> dict:
     """Settings tuned for a built-in prior, per guidance mode (``priors/<name>/distill_defaults.yaml``).
 
     The published defaults were chosen for DiT-XL/2's 4,096-d latents; a small prior's latent space can
     want others. Only a setting that won on held-out seeds goes in that file (docs/evaluation.md)."""
-    path = Path(resolve(BUILTIN + name)) / "distill_defaults.yaml"
-    if not path.is_file():
-        return {}
-    return (load_yaml(str(path)) or {}).get(guidance, {}) or {}
+    return tuned_file(name).get(guidance, {}) or {}
 
 
 def default_guidance(name: str, ipc: int) -> str | None:
     """The guidance mode a built-in prior uses when none is given: ``default_guidance`` of its
     ``distill_defaults.yaml`` maps each tuned IPC to the mode that won on val there; the nearest tuned IPC
     (the smaller on a tie) answers for the others. None when the file names none."""
-    path = Path(resolve(BUILTIN + name)) / "distill_defaults.yaml"
-    table = ((load_yaml(str(path)) or {}).get("default_guidance") or {}) if path.is_file() else {}
+    table = tuned_file(name).get("default_guidance") or {}
     if not table:
         return None
     nearest = min((int(k) for k in table), key=lambda k: (abs(k - ipc), k))

@@ -145,15 +145,23 @@ def scores(out: Path, name: str, ipc: int, seeds: list[int], arch: str = "convne
     return {int(c["seed"]): round(100 * c["student"]["final_top1"], 2) for c in cells}
 
 
-def shortlist(out: Path, table: dict[str, tuple[str, dict]], ipc: int, screen: list[int], top: int) -> dict:
+def all_scores(out: Path, table: dict[str, tuple[str, dict]], ipc: int, seeds: list[int]) -> dict[str, dict]:
+    """Variant -> its seed -> final top-1 (%), every cell read once."""
+    return {name: scores(out, name, ipc, seeds) for name in table}
+
+
+def shortlist(out: Path, table: dict[str, tuple[str, dict]], ipc: int, screen: list[int], top: int,
+              got: dict[str, dict] | None = None) -> dict:
     """Per method, its settings ranked by screening mean (best first; ties keep the earlier draw) and the top
-    ``top`` of them; a method with a missing screening cell has no shortlist yet."""
-    ranked: dict[str, list[str]] = {}
+    ``top`` of them; a method with a missing screening cell has no shortlist yet. ``got``: the scores, when
+    the caller has read them already."""
+    got = got or all_scores(out, table, ipc, screen)
+    ranked: dict[str, list[tuple[str, float]]] = {}
     complete: dict[str, bool] = {}
     for name, (base, _) in table.items():
-        got = scores(out, name, ipc, screen)
-        complete[base] = complete.get(base, True) and len(got) == len(screen)
-        ranked.setdefault(base, []).append((name, sum(got.values()) / max(len(got), 1)))
+        on_screen = [got[name][s] for s in screen if s in got[name]]
+        complete[base] = complete.get(base, True) and len(on_screen) == len(screen)
+        ranked.setdefault(base, []).append((name, sum(on_screen) / max(len(on_screen), 1)))
     return {base: [n for n, _ in sorted(rows, key=lambda r: -r[1])][:top]
             for base, rows in ranked.items() if complete[base]}
 
@@ -162,12 +170,13 @@ def choose(out: Path, table: dict[str, tuple[str, dict]], ipc: int, screen: list
            top: int) -> dict:
     """Every setting's val scores (per seed, screening mean, and all-seed mean for the shortlisted), and each
     method's winner: the shortlisted setting with the best mean over screening + confirming seeds."""
-    short = shortlist(out, table, ipc, screen, top)
     seeds = screen + confirm
+    got_all = all_scores(out, table, ipc, seeds)
+    short = shortlist(out, table, ipc, screen, top, got_all)
     settings: dict[str, list[dict]] = {}
     chosen = {}
     for name, (base, values) in table.items():
-        got = scores(out, name, ipc, seeds)
+        got = got_all[name]
         row = {"variant": name, "settings": values, "per_seed": {str(s): v for s, v in sorted(got.items())},
                "screen": mean_std([got.get(s) for s in screen]), "shortlisted": name in short.get(base, []),
                "all": mean_std([got.get(s) for s in seeds]) if name in short.get(base, []) else None}
