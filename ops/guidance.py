@@ -11,6 +11,7 @@ from ops.backend import array_module
 from ops.tangent import project
 
 GUIDANCE_MODES = ("none", "mode", "manifold", "public")
+BASIS_MODES = ("manifold", "public")  # the modes whose g needs a tangent basis
 SIGMA_MODES = ("scalar", "elementwise")
 
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from ops.guidance import BASIS_MODES
 from pipeline.common.device import torch_device
 from pipeline.common.images import png_bytes
 from pipeline.common.log import get_logger
@@ -43,7 +44,7 @@ from pipeline.common.outputs import SUCCESS, OutputDir, atomic_write_bytes, atom
 from pipeline.config import build_config
 from pipeline.distill.health import HEALTH_COLUMNS, HealthCheck
 from pipeline.models.refs import load_model
-from pipeline.models.sampler import BASIS_MODES, GuidedSampler, SamplerConfig
+from pipeline.models.sampler import GuidedSampler, SamplerConfig
 
 log = get_logger().info
 

@@ -40,7 +40,7 @@ from pipeline.eval.cells import aggregate, cell_path
 from pipeline.eval.methods import METHODS
 from pipeline.eval.results import methods_of, read_records, rewrite_blocks, write_records
 from pipeline.eval.stats import mean_std
-from pipeline.eval.tune import STUDENT, Space, draws, expand, variant_args
+from pipeline.eval.tune import STUDENT, Space, draws, expand, variant_args, variant_name
 
 # Starting settings: the winners of the earlier one-seed sweep on the same val split (pipeline/eval/tune.py,
 # docs/results/mnist10k_tuning.json), the mode one for every mode-guided method and the manifold one for every
@@ -88,10 +88,6 @@ OPTIONS = (("public", "the public code's variant: mode term + unit pull"),
 DEFAULTS = {"budget": 4, "seed": 0, "ipc": 10, "screen": "10-11", "confirm": "12-14", "top": 3,
             "test": "mnist10k:val", "data": "mnist10k"}
 SCORE_SEEDS = "0-4"
-
-
-def variant_name(space: Space, i: int) -> str:
-    return f"{space.prefix}_t{i:02d}"
 
 
 def variants(budget: int, seed: int, methods: list[str] | None = None) -> dict[str, tuple[str, dict]]:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ops.guidance import (
+    BASIS_MODES,
     guidance_sigma,
     guidance_vector,
     guided_mean,
@@ -65,7 +66,6 @@ from pipeline.models.loading import Prior
 from pipeline.models.noise import NoiseStreams
 
 DIT_CFG_CHANNELS = 3  # DiT's forward_with_cfg guides the first 3 of 4 latent channels
-BASIS_MODES = ("manifold", "public")  # guidance modes that take tangent bases
 
 
 @dataclass
