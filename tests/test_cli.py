@@ -67,37 +67,40 @@ def test_hash_follows_the_weights_of_a_local_model_folder(tmp_path):
 
 
 def test_builtin_prior_brings_its_tuned_settings_below_the_users(tmp_path):
-    """--data mnist10k uses the shipped prior and the settings tuned for it, per guidance mode (the other
-    mode's section does not leak); a config file, a flag or --set still wins, and another model gets the
-    published defaults."""
+    """--data mnist10k uses the shipped prior and the settings tuned for it at the run's IPC, per guidance mode
+    (the other mode's section does not leak); with no guidance named it gets the val winner's mode; a config
+    file, a flag or --set still wins, and another model gets the published defaults."""
     import argparse
 
     from pipeline.cli import build_parser
-    from pipeline.distill.run import prior_defaults, resolve_config
+    from pipeline.distill.run import resolve_config, tuned_section
 
-    tuned = prior_defaults("mnist10k", "manifold")
-    assert tuned, "pipeline/priors/mnist10k/distill_defaults.yaml is missing"
     published = DistillConfig()
+    section = tuned_section("mnist10k", published.ipc)
+    assert section.get("mode") and section.get("manifold"), "pipeline/priors/mnist10k/distill_defaults.yaml"
 
     def cfg(*argv):
         args = build_parser().parse_args(["distill", "--data", "mnist10k", "--out", str(tmp_path / "o"), *argv])
         assert isinstance(args, argparse.Namespace)
         return resolve_config(args)
 
+    def applied(c, fields):
+        return all(getattr(getattr(c, g), f) == v for g, values in fields.items() for f, v in values.items())
+
     plain = cfg()
-    assert plain.model.model == "builtin:mnist10k"
-    assert plain.tangent.dim == tuned["tangent"]["dim"] != published.tangent.dim
-    assert plain.sampler.guidance_scale == tuned["sampler"]["guidance_scale"] != published.sampler.guidance_scale
-    mode = prior_defaults("mnist10k", "mode")
-    mgd3 = cfg("--guidance", "mode")
-    assert mgd3.sampler.guidance_scale == mode["sampler"]["guidance_scale"] != plain.sampler.guidance_scale
-    assert mgd3.tangent.dim == published.tangent.dim  # the manifold section does not reach mode guidance
+    assert plain.model.model == "builtin:mnist10k" and plain.sampler.guidance == section["guidance"]
+    assert applied(plain, section[section["guidance"]])
+    manifold, mode = cfg("--guidance", "manifold"), cfg("--guidance", "mode")
+    assert applied(manifold, section["manifold"]) and applied(mode, section["mode"])
+    assert manifold.tangent.dim == section["manifold"]["tangent"]["dim"] != published.tangent.dim
+    assert mode.tangent.dim == published.tangent.dim  # the manifold section does not reach mode guidance
     assert cfg("--set", "sampler.guidance_scale=0.05").sampler.guidance_scale == 0.05  # --set wins
     preset = tmp_path / "p.yaml"
     preset.write_text(yaml.safe_dump({"tangent": {"dim": 5}}))
-    assert cfg("--config", str(preset)).tangent.dim == 5  # a file wins
+    assert cfg("--guidance", "manifold", "--config", str(preset)).tangent.dim == 5  # a file wins
     other = cfg("--model", str(tmp_path / "elsewhere"))
     assert other.tangent.dim == published.tangent.dim and other.sampler.guidance_scale == published.sampler.guidance_scale
+    assert other.sampler.guidance == published.sampler.guidance
 
 
 def test_parse_set_types():

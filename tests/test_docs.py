@@ -31,13 +31,13 @@ def _fields(obj, prefix: str = "") -> dict[str, object]:
 
 
 def _knob_rows() -> dict[str, str]:
-    """Rows of method.md's knob table: config key -> the default column as written."""
+    """Rows of method.md's knob table (key, symbol, default): config key -> the default column as written."""
     text = METHOD.read_text()
     section = text[text.index("## 7."):text.index("## 8.")]
     rows = {}
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 4 and cells[0].startswith("`") and cells[0].count("`") == 2:
+        if len(cells) == 3 and cells[0].startswith("`") and cells[0].count("`") == 2:
             rows[cells[0].strip("`")] = cells[2]
     return rows
 

@@ -20,12 +20,15 @@ def test_every_method_gets_the_same_budget_and_names_every_knob_its_defaults_cou
         assert len({json.dumps(s, sort_keys=True) for s in settings}) == 4
         assert all(set(s) == set(settings[0]) for s in settings)
         assert METHODS[base].kind == "distill"
-    # the guided methods name what the shipped prior's tuned defaults set, so no score depends on that file
+    # every method (or its setting) names what the shipped prior's tuned defaults set at any tuned IPC, so no
+    # score depends on that file
     from pipeline.distill.run import prior_defaults
     for base, settings in per.items():
-        tuned = prior_defaults("mnist10k", METHODS[base].guidance) if METHODS[base].guidance != "none" else {}
-        tuned_keys = {f"{sec}.{k}" for sec, fields in tuned.items() for k in fields}
-        assert tuned_keys <= set(settings[0]), (base, tuned_keys - set(settings[0]))
+        for ipc in (1, 10):
+            tuned = prior_defaults("mnist10k", METHODS[base].guidance, ipc)
+            tuned_keys = {f"{sec}.{k}" for sec, fields in tuned.items() if sec != "cluster" for k in fields}
+            named = set(settings[0]) | {item.partition("=")[0] for item in METHODS[base].sets}
+            assert tuned_keys <= named, (base, ipc, tuned_keys - named)
     # every variant parses as a benchmark variant of its method
     args = ladder.variant_args(table)
     variants = parse_variants([args[i + 1] for i in range(0, len(args), 2)])
@@ -88,32 +91,46 @@ def test_unknown_methods_are_one_clear_error(capsys):
         ladder.parse_options(["run", "--stage", "sometimes"])
 
 
-def test_the_defaults_file_holds_each_modes_val_winner_and_the_overall_winners_mode(monkeypatch):
+def test_the_defaults_file_holds_each_modes_val_winner_and_the_overall_winners_mode(monkeypatch, tmp_path):
     import yaml
 
     from pipeline.distill import run as run_module
     from pipeline.distill.run import resolve_distill_config
+    from pipeline.eval import defaults_file
 
-    table = ladder.variants(4, 0, ["dit", "mgd3", "repel", "manifoldgd"])
+    table = ladder.variants(4, 0, ["dit", "mgd3", "repel", "manifoldgd", "trust"])
 
     def chosen(variant, mean):
         return {"variant": variant, "settings": table[variant][1], "all": {"mean": mean, "std": 0.5, "n": 5},
                 "screen": {"mean": mean, "std": 0.5, "n": 2}}
 
-    result = {"protocol": {"ipc": 10}, "chosen": {"dit": chosen("dit_t01", 80.0), "mgd3": chosen("mgd3_t02", 90.0),
-                                                 "repel": chosen("rep_t03", 91.0), "manifoldgd": chosen("mgd_t00", 88.0)}}
-    text = ladder.defaults_yaml(result, "r.json")
-    parsed = yaml.safe_load(text)
-    assert parsed["default_guidance"] == {10: "mode"}  # repel, a mode-guided method, won overall
-    assert parsed["mode"]["sampler"]["repulsion"] == table["rep_t03"][1]["sampler.repulsion"]  # repel beat mgd3
-    assert parsed["mode"]["cluster"]["method"] == "kmeans" and parsed["manifold"]["cluster"]["method"] == "divisive"
-    assert parsed["none"]["sampler"]["cfg_scale"] == table["dit_t01"][1]["sampler.cfg_scale"]
-    monkeypatch.setattr(run_module, "load_yaml", lambda path: parsed)
+    ten = {"protocol": {"ipc": 10}, "chosen": {"dit": chosen("dit_t01", 80.0), "mgd3": chosen("mgd3_t02", 90.0),
+                                              "repel": chosen("rep_t03", 91.0), "manifoldgd": chosen("mgd_t00", 88.0)}}
+    one = {"protocol": {"ipc": 1}, "chosen": {"mgd3": chosen("mgd3_t01", 70.0), "trust": chosen("tru_t02", 75.0),
+                                             "manifoldgd": chosen("mgd_t03", 76.0)}}
+    path = tmp_path / "distill_defaults.yaml"
+    defaults_file.write_section(path, ten, "r10.json")
+    first = path.read_text()
+    defaults_file.write_section(path, one, "r1.json")
+    defaults_file.write_section(path, one, "r1.json")  # rewriting a section replaces it
+    parsed = yaml.safe_load(path.read_text())
+    assert set(parsed) == {"ipc1", "ipc10"} and path.read_text().count("ipc1:") == 1
+    assert defaults_file.sections(path.read_text())[10] == defaults_file.sections(first)[10]  # IPC 10 kept as is
+    p10, p1 = parsed["ipc10"], parsed["ipc1"]
+    assert p10["guidance"] == "mode" and p1["guidance"] == "manifold"  # repel won at 10, ManifoldGD at 1
+    assert p10["mode"]["sampler"]["repulsion"] == table["rep_t03"][1]["sampler.repulsion"]  # repel beat mgd3
+    assert p1["mode"]["sampler"]["trust_region"] == table["tru_t02"][1]["sampler.trust_region"] > 0
+    assert p10["mode"]["cluster"]["method"] == "kmeans" and p10["manifold"]["cluster"]["method"] == "divisive"
+    assert p10["none"]["sampler"]["cfg_scale"] == table["dit_t01"][1]["sampler.cfg_scale"] and "none" not in p1
+    real = run_module.load_yaml
+    monkeypatch.setattr(run_module, "load_yaml",
+                        lambda p: parsed if str(p).endswith("distill_defaults.yaml") else real(p))
     cfg = resolve_distill_config(data="mnist10k", ipc=10)  # a run that names no guidance gets the winner
     assert cfg.sampler.guidance == "mode" and cfg.cluster.method == "kmeans"
     assert cfg.sampler.repulsion == table["rep_t03"][1]["sampler.repulsion"]
     assert cfg.sampler.guidance_scale == table["rep_t03"][1]["sampler.guidance_scale"]
-
+    cfg1 = resolve_distill_config(data="mnist10k", ipc=1)
+    assert cfg1.sampler.guidance == "manifold" and cfg1.tangent.dim == table["mgd_t03"][1]["tangent.dim"]
 
 def test_the_test_table_is_made_from_the_records_alone(tmp_path):
     from pipeline.eval.results import record, write_records

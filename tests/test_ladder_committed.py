@@ -55,3 +55,23 @@ def test_the_test_records_score_the_val_winners_once_on_other_seeds():
     text = ladder.test_table(records).strip()
     for doc in ("README.md", "docs/ladder.md"):
         assert read_blocks(ROOT / doc)["ladder_test"].strip() == text, doc
+
+
+def test_the_shipped_defaults_are_the_val_winners_at_every_tuned_ipc():
+    """pipeline/priors/mnist10k/distill_defaults.yaml is what `choose --write-defaults` writes from the committed
+    val sweeps, one section per IPC, and a run of the prior at each IPC gets its winner's mode and settings."""
+    from pipeline.distill.run import resolve_distill_config
+    from pipeline.eval import defaults_file
+
+    shipped = ROOT / "pipeline" / "priors" / "mnist10k" / "distill_defaults.yaml"
+    vals = {json.loads(p.read_text())["protocol"]["ipc"]: (p, json.loads(p.read_text())) for p in VALS}
+    expected = {ipc: defaults_file.section(result, str(p.relative_to(ROOT))) for ipc, (p, result) in vals.items()}
+    assert shipped.read_text() == defaults_file.compose(expected)
+    for ipc, (_, result) in vals.items():
+        best = max(result["chosen"].items(), key=lambda bc: bc[1]["all"]["mean"])
+        cfg = resolve_distill_config(data="mnist10k", ipc=ipc)
+        assert cfg.sampler.guidance == METHODS[best[0]].guidance
+        assert cfg.cluster.method == (METHODS[best[0]].cluster or "divisive")
+        for key, value in best[1]["settings"].items():
+            group, field = key.split(".")
+            assert getattr(getattr(cfg, group), field) == value, (ipc, key)

@@ -54,11 +54,10 @@ def test_the_guided_step_moves_x_at_most_rho_noise_stds():
             assert np.all(rms > 10)
 
 
-def test_the_shipped_prior_caps_manifold_guidance_only():
+def test_the_shipped_prior_caps_manifold_guidance_at_every_tuned_ipc():
+    """Every projected method of the ladder carries the trust region (it keeps large lambdas from diverging),
+    so the manifold guidance the demo runs is capped at each IPC the prior was tuned at."""
     from pipeline.distill.run import prior_defaults
-    from pipeline.eval.tune import AFTER_SWEEP
 
-    rho = AFTER_SWEEP["manifoldgd"][("sampler", "trust_region")][0]
-    assert rho > 0
-    assert prior_defaults("mnist10k", "manifold")["sampler"]["trust_region"] == rho
-    assert "trust_region" not in prior_defaults("mnist10k", "mode").get("sampler", {})
+    for ipc in (1, 10):
+        assert prior_defaults("mnist10k", "manifold", ipc)["sampler"]["trust_region"] > 0

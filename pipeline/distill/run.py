@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import threading
@@ -113,7 +114,7 @@ def resolve_distill_config(*, data: str | None = None, out: str | None = None, i
         # Where no layer names the guidance, the prior's val winner at the nearest tuned IPC is the default.
         guidance_given = any("guidance" in layer.get("sampler", {}) for layer in (from_file, flags, settings))
         chosen = None if guidance_given else default_guidance(cfg.data.path, cfg.ipc)
-        tuned = prior_defaults(cfg.data.path, chosen or cfg.sampler.guidance)
+        tuned = prior_defaults(cfg.data.path, chosen or cfg.sampler.guidance, cfg.ipc)
         if chosen:
             tuned = {**tuned, "sampler": {**tuned.get("sampler", {}), "guidance": chosen}}
         if tuned:
@@ -140,23 +141,28 @@ def tuned_file(name: str) -> dict:
     return (load_yaml(str(path)) or {}) if path.is_file() else {}
 
 
-def prior_defaults(name: str, guidance: str) -> dict:
-    """Settings tuned for a built-in prior, per guidance mode (``priors/<name>/distill_defaults.yaml``).
+def tuned_section(name: str, ipc: int) -> dict:
+    """The part of a built-in prior's ``distill_defaults.yaml`` that answers for ``ipc``: the ``ipc<N>:``
+    section of the nearest tuned IPC (the smaller on a tie); empty when the prior has no tuned settings."""
+    tuned = {int(str(k)[3:]): v for k, v in tuned_file(name).items() if re.fullmatch(r"ipc\d+", str(k))}
+    if not tuned:
+        return {}
+    return tuned[min(tuned, key=lambda k: (abs(k - ipc), k))] or {}
+
+
+def prior_defaults(name: str, guidance: str, ipc: int) -> dict:
+    """Settings tuned for a built-in prior at the nearest tuned IPC, for one guidance mode.
 
     The published defaults were chosen for DiT-XL/2's 4,096-d latents; a small prior's latent space can
-    want others. Only a setting that won on held-out seeds goes in that file (docs/evaluation.md)."""
-    return tuned_file(name).get(guidance, {}) or {}
+    want others, and IPC 1 need not want IPC 10's. Only a setting that won on val goes in that file
+    (docs/ladder.md)."""
+    return tuned_section(name, ipc).get(guidance, {}) or {}
 
 
 def default_guidance(name: str, ipc: int) -> str | None:
-    """The guidance mode a built-in prior uses when none is given: ``default_guidance`` of its
-    ``distill_defaults.yaml`` maps each tuned IPC to the mode that won on val there; the nearest tuned IPC
-    (the smaller on a tie) answers for the others. None when the file names none."""
-    table = tuned_file(name).get("default_guidance") or {}
-    if not table:
-        return None
-    nearest = min((int(k) for k in table), key=lambda k: (abs(k - ipc), k))
-    return table[nearest] if nearest in table else table[str(nearest)]
+    """The guidance mode a built-in prior uses when none is given: the mode that won on val at the nearest
+    tuned IPC (``guidance`` of that section). None when the file names none."""
+    return tuned_section(name, ipc).get("guidance")
 
 
 def builtin_prior_exists(name: str) -> bool:

@@ -37,7 +37,7 @@ from pathlib import Path
 from pipeline.eval import report
 from pipeline.eval.benchmark_options import parse_seeds
 from pipeline.eval.cells import aggregate, cell_path
-from pipeline.eval.methods import METHODS
+from pipeline.eval.defaults_file import write_section
 from pipeline.eval.results import methods_of, read_records, rewrite_blocks, write_records
 from pipeline.eval.stats import mean_std
 from pipeline.eval.tune import STUDENT, Space, draws, expand, variant_args, variant_name
@@ -243,42 +243,6 @@ def winners_table(result: dict) -> dict[str, tuple[str, dict]]:
     return {f"{base}_val": (base, ch["settings"]) for base, ch in result["chosen"].items()}
 
 
-def defaults_yaml(result: dict, results_path: str) -> str:
-    """``distill_defaults.yaml`` from the ladder's choice at one IPC: per guidance mode, the settings (and the
-    clustering) of the method of that mode with the best val mean; ``default_guidance`` maps the IPC to the
-    mode of the best method overall, the mode a run of the prior uses when none is given."""
-    ipc = result["protocol"]["ipc"]
-    best_of_mode: dict[str, tuple[str, dict]] = {}
-    for base, ch in result["chosen"].items():
-        mode = METHODS[base].guidance
-        if mode not in best_of_mode or ch["all"]["mean"] > best_of_mode[mode][1]["all"]["mean"]:
-            best_of_mode[mode] = (base, ch)
-    winner = max(best_of_mode.values(), key=lambda bc: bc[1]["all"]["mean"])
-    lines = ["# Settings tuned for this prior, applied by `manifoldgd distill` when it uses builtin:mnist10k, between the",
-             "# published defaults and anything the user gives (--config, flags and --set win). One section per",
-             "# sampler.guidance mode: the val winner among the methods of that mode. Written by",
-             "# `python -m pipeline.eval.ladder choose --write-defaults` (docs/ladder.md); every setting tried and",
-             f"# its val scores are in {results_path}.",
-             f"default_guidance:  # the mode of the best method on val at each tuned IPC: {winner[0]}",
-             f"  {ipc}: {METHODS[winner[0]].guidance}"]
-    for mode in sorted(best_of_mode):
-        base, ch = best_of_mode[mode]
-        method = METHODS[base]
-        sections: dict[str, dict] = {}
-        if method.cluster:
-            sections.setdefault("cluster", {})["method"] = method.cluster
-        for item in (*method.sets, *(f"{k}={v}" for k, v in ch["settings"].items())):
-            key, _, value = item.partition("=")
-            section, field = key.split(".")
-            sections.setdefault(section, {})[field] = value
-        lines.append(f"{mode}:  # {base}: {ch['variant']}, val top-1 {ch['all']['mean']:.2f} +- {ch['all']['std']:.2f} "
-                     f"over {ch['all']['n']} seeds")
-        for section, fields in sections.items():
-            lines.append(f"  {section}:")
-            lines += [f"    {f}: {v}" for f, v in fields.items()]
-    return "\n".join(lines) + "\n"
-
-
 def test_table(records: list[dict]) -> str:
     """The winners' test scores (final-epoch top-1, mean +- std over the seeds) and their distribution metrics,
     from the records alone: one table per IPC, since each IPC has its own winners under the same names."""
@@ -357,7 +321,7 @@ def parse_options(argv: list[str] | None = None) -> LadderOptions:
                    "table: read them")
     p.add_argument("--to", metavar="PNG", help="sheet: where the picture goes")
     p.add_argument("--write-defaults", action="store_true",
-                   help="choose: write the winners into pipeline/priors/<data>/distill_defaults.yaml")
+                   help="choose: write the winners into this IPC's section of pipeline/priors/<data>/distill_defaults.yaml")
     args = p.parse_args(argv)
     return LadderOptions(**{**vars(args), "into": tuple(args.into)})
 
@@ -411,8 +375,8 @@ def run_ladder(opts: LadderOptions) -> int:
             print(f"not every method has a winner yet ({', '.join(missing)}): run the sweep first", file=sys.stderr)
             return 1
         target = Path(__file__).resolve().parents[1] / "priors" / opts.data / "distill_defaults.yaml"
-        target.write_text(defaults_yaml(result, opts.results or "(not written)"))
-        print(f"wrote {target}")
+        write_section(target, result, opts.results or "(not written)")
+        print(f"wrote the IPC {opts.ipc} section of {target}")
     for path in opts.into:
         rewrite_blocks(Path(path), {f"ladder_ipc{result['protocol']['ipc']}": text})
         print(f"rewrote the ladder block in {path}")

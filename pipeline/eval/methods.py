@@ -19,12 +19,15 @@ METHODS = {m.name: m for m in (
     Method("random", "Random real", "real"),
     Method("kmeans_real", "Real nearest k-means centroids", "real"),
     Method("dit", "DiT (no guidance)", "distill", "none", "divisive"),
-    Method("mgd3", "MGD3 (mode + k-means)", "distill", "mode", "kmeans"),
-    Method("divisive", "mode + divisive (branching 1)", "distill", "mode", "divisive", ("cluster.branching=1",)),
-    Method("levelwise", "mode + divisive level-wise", "distill", "mode", "divisive"),
+    # Each method pins the knobs that tell it from the other methods of its guidance mode, so a built-in
+    # prior's tuned section for that mode (which holds its val winner's settings) cannot turn one into another.
+    Method("mgd3", "MGD3 (mode + k-means)", "distill", "mode", "kmeans", ("sampler.trust_region=0",)),
+    Method("divisive", "mode + divisive (branching 1)", "distill", "mode", "divisive",
+           ("cluster.branching=1", "sampler.trust_region=0")),
+    Method("levelwise", "mode + divisive level-wise", "distill", "mode", "divisive", ("sampler.trust_region=0",)),
     Method("manifold", "manifold + level-wise, no annealing", "distill", "manifold", "divisive",
-           ("tangent.max_multiplier=1",)),
-    Method("manifoldgd", "ManifoldGD", "distill", "manifold", "divisive"),
+           ("tangent.max_multiplier=1", "sampler.project_min_signal=0")),
+    Method("manifoldgd", "ManifoldGD", "distill", "manifold", "divisive", ("sampler.project_min_signal=0",)),
     # Beyond the paper (docs/method.md section 7): the public code's variant and two new guidance options.
     Method("public", "public-code variant (mode term + unit pull)", "distill", "public", "divisive"),
     Method("noiseaware", "ManifoldGD, projected only at low noise", "distill", "manifold", "divisive",

@@ -2,7 +2,7 @@
 
     python -m pipeline.eval.tune run    --out runs/tune_mnist10k      # the sweep (a benchmark with variants)
     python -m pipeline.eval.tune choose --out runs/tune_mnist10k \\
-        --results docs/results/mnist10k_tuning.json --write-defaults   # pick on val, write the tuned defaults
+        --results docs/results/mnist10k_tuning.json                   # pick on val (the earlier one-seed sweep)
     python -m pipeline.eval.tune report --results docs/results/mnist10k_tuning.json \
         --into docs/evaluation.md                                       # the sweep's table, from the file alone
 
@@ -121,7 +121,6 @@ class TuneOptions:
     test: str = DEFAULTS["test"]
     data: str = DEFAULTS["data"]
     results: str | None = None
-    write_defaults: bool = False
     into: tuple[str, ...] = ()
 
     def protocol(self) -> dict:
@@ -147,41 +146,6 @@ def choose(out: Path, table: dict[str, tuple[str, dict]], ipc: int, seeds: list[
         if complete and len(complete) == len(rows):
             chosen[base] = max(complete, key=lambda r: r["val_top1"]["mean"])  # max keeps the first of ties
     return {"settings": scored, "chosen": chosen}
-
-
-GUIDANCE = {"mgd3": "mode", "manifoldgd": "manifold"}
-DEFAULTS_FILE = Path(__file__).resolve().parents[1] / "priors" / "mnist10k" / "distill_defaults.yaml"
-# Chosen on val after the sweep, outside its search space, per method: (section, field) -> (value, where the
-# choice is documented). Written into the defaults file with the sweep's choice.
-AFTER_SWEEP = {"manifoldgd": {("sampler", "trust_region"): (1.0, "docs/health.md")}}
-
-
-def defaults_yaml(chosen: dict, results_path: str) -> str:
-    """``distill_defaults.yaml``: per guidance mode, the chosen settings that differ from the published."""
-    lines = ["# Settings tuned for this prior, applied by `manifoldgd distill` when it uses builtin:mnist10k, between the",
-             "# published defaults and anything the user gives (--config, flags and --set win). One section per",
-             "# sampler.guidance mode. Written by `python -m pipeline.eval.tune choose --write-defaults`: the",
-             "# equal-budget sweep on the mnist10k val split (docs/evaluation.md); every setting it tried and its",
-             f"# val score are in {results_path}."]
-    for base in (b for b in SPACES if b in chosen):  # a fixed order, whatever order ``chosen`` was read in
-        row = chosen[base]
-        changed = {k: v for k, v in row["settings"].items() if SPACES[base].published.get(k) != v}
-        lines.append(f"{GUIDANCE[base]}:  # {base}: {row['variant']}, val top-1 {row['val_top1']['mean']:.2f}"
-                     + ("" if changed else " (the published setting)"))
-        sections: dict[str, dict] = {}
-        for key, value in changed.items():
-            section, field = key.split(".")
-            sections.setdefault(section, {})[field] = value
-        extra = AFTER_SWEEP.get(base, {})
-        for (section, field), (value, _) in extra.items():
-            sections.setdefault(section, {})[field] = value
-        for section, fields in sections.items():
-            lines.append(f"  {section}:")
-            lines += [f"    {f}: {v}" + (f"  # chosen on val after the sweep: {extra[(section, f)][1]}"
-                                         if (section, f) in extra else "") for f, v in fields.items()]
-        if not changed and not extra:
-            lines.append("  {}")
-    return "\n".join(lines) + "\n"
 
 
 def tuning_markdown(result: dict) -> str:
@@ -216,8 +180,6 @@ def parse_options(argv: list[str] | None = None) -> TuneOptions:
         p.add_argument(f"--{key}", type=type(value), default=value)
     p.add_argument("--results", help="choose: write every setting's val score and the choice here (JSON); "
                    "report: read it")
-    p.add_argument("--write-defaults", action="store_true",
-                   help="choose: write the winners into pipeline/priors/mnist10k/distill_defaults.yaml")
     p.add_argument("--into", action="append", default=[], metavar="FILE",
                    help="rewrite the <!-- results:tuning begin/end --> block of FILE with the sweep's table")
     args = p.parse_args(argv)
@@ -251,9 +213,6 @@ def run_tune(opts: TuneOptions) -> int:
     if opts.results and opts.action == "choose":
         Path(opts.results).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.results).write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    if opts.write_defaults and opts.action == "choose":
-        DEFAULTS_FILE.write_text(defaults_yaml(result["chosen"], opts.results or "(not written)"))
-        print(f"wrote {DEFAULTS_FILE}")
     for path in opts.into:
         rewrite_blocks(Path(path), {"tuning": tuning_markdown(result)})
         print(f"rewrote the tuning block in {path}")
