@@ -113,8 +113,9 @@ def resolve_distill_config(*, data: str | None = None, out: str | None = None, i
         # The shipped prior's own tuned settings sit just above the defaults: a file, a flag or --set wins.
         # Where no layer names the guidance, the prior's val winner at the nearest tuned IPC is the default.
         guidance_given = any("guidance" in layer.get("sampler", {}) for layer in (from_file, flags, settings))
-        chosen = None if guidance_given else default_guidance(cfg.data.path, cfg.ipc)
-        tuned = prior_defaults(cfg.data.path, chosen or cfg.sampler.guidance, cfg.ipc)
+        section = tuned_section(cfg.data.path, cfg.ipc)  # the file is read once
+        chosen = None if guidance_given else section.get("guidance")
+        tuned = section.get(chosen or cfg.sampler.guidance) or {}
         if chosen:
             tuned = {**tuned, "sampler": {**tuned.get("sampler", {}), "guidance": chosen}}
         if tuned:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from pipeline.config import parse_set
 from pipeline.eval.methods import METHODS
 
 HEADER = """\
@@ -48,13 +49,8 @@ def section(result: dict, results_path: str) -> str:
     for mode in sorted(best):
         base, ch = best[mode]
         method = METHODS[base]
-        fields: dict[str, dict] = {}
-        if method.cluster:
-            fields.setdefault("cluster", {})["method"] = method.cluster
-        for item in (*method.sets, *(f"{k}={v}" for k, v in sorted(ch["settings"].items()))):
-            key, _, value = item.partition("=")
-            group, field = key.split(".")
-            fields.setdefault(group, {})[field] = value
+        fields = parse_set([*([f"cluster.method={method.cluster}"] if method.cluster else []), *method.sets,
+                            *(f"{k}={v}" for k, v in sorted(ch["settings"].items()))])
         lines.append(f"  {mode}:  # {base}: {ch['variant']}, val top-1 {ch['all']['mean']:.2f} +- "
                      f"{ch['all']['std']:.2f} over {ch['all']['n']} seeds")
         for group, values in fields.items():
